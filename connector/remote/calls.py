@@ -1,0 +1,43 @@
+"""Counts every remote call by system, operation and status: for metrics, benchmarks and quota.
+
+For our users API calls are money and quota, so every seam reports each call here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["CallCounter", "CallKey"]
+
+
+@dataclass(frozen=True, order=True)
+class CallKey:
+    system: str
+    operation: str
+    status: str  # HTTP status as text, or "error" for a transport failure
+
+
+@dataclass
+class CallCounter:
+    """Thread-safe tally of calls; one per process, shared by all clients."""
+
+    _counts: Counter[CallKey] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, system: str, operation: str, status: int | str) -> None:
+        with self._lock:
+            self._counts[CallKey(system, operation, str(status))] += 1
+
+    def total(self, system: str | None = None, operation: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for k, n in self._counts.items()
+                if (system is None or k.system == system) and (operation is None or k.operation == operation)
+            )
+
+    def snapshot(self) -> dict[CallKey, int]:
+        with self._lock:
+            return dict(self._counts)

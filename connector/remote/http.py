@@ -1,0 +1,64 @@
+"""One place that builds every HTTP client the connector uses, all honouring one ``ca_bundle``.
+
+Why this exists: this machine and many corporate hosts export ``REQUESTS_CA_BUNDLE`` /
+``SSL_CERT_FILE``. requests (simple-salesforce, msal's default client) then silently ignores
+``session.verify`` unless ``trust_env`` is off, and httpx reads ``SSL_CERT_FILE`` on its own
+(crm-apis.md §D). So every client is built here from the connector's single setting.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+import requests
+
+from connector import __version__
+
+__all__ = ["USER_AGENT", "http_client", "requests_session", "ssl_context"]
+
+USER_AGENT = f"cosell/{__version__}"
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """A verifying context: the given PEM bundle when set, else the system store (not env vars)."""
+    if ca_bundle is not None:
+        return ssl.create_default_context(cafile=str(ca_bundle))
+    import certifi  # installed with httpx and requests
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def http_client(
+    ca_bundle: Path | None,
+    *,
+    base_url: str = "",
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    headers: dict[str, str] | None = None,
+    event_hooks: dict[str, list[object]] | None = None,
+) -> httpx.Client:
+    """An httpx client that trusts exactly ``ca_bundle`` (or the default store) and no env vars."""
+    return httpx.Client(
+        base_url=base_url,
+        verify=ssl_context(ca_bundle),
+        trust_env=False,
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT, **(headers or {})},
+        event_hooks=event_hooks or {},  # type: ignore[arg-type]
+    )
+
+
+def requests_session(ca_bundle: Path | None, *, proxies: dict[str, str] | None = None) -> requests.Session:
+    """A requests session for simple-salesforce that honours ``ca_bundle`` despite CA env vars.
+
+    ``trust_env=False`` also drops proxy env vars and ``.netrc``, so proxies come from configuration.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(ca_bundle) if ca_bundle is not None else True
+    if proxies:
+        session.proxies.update(proxies)
+    session.headers["User-Agent"] = USER_AGENT
+    return session

@@ -1,0 +1,104 @@
+"""The seams the sync engine talks through. The engine imports these protocols, never an adapter.
+
+- :class:`CrmAdapter` — what the engine needs from any CRM (Salesforce, Dynamics 365).
+- :class:`ReferralStore` — the same for Partner Center.
+
+Records crossing a seam are canonical :class:`~connector.domain.model.Deal` values plus the small
+frozen types below. Cursors are opaque strings the adapter encodes (a compound (timestamp, id)
+keyset, a delta link); the engine persists them only after the records they cover are committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from connector.domain.model import Deal
+from connector.domain.stages import CrmStage
+
+__all__ = ["ChangePage", "CrmAdapter", "CrmWrite", "RecordFailure", "ReferralStore", "WriteResult"]
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    """One record that could not be read or converted: named, with its cause, isolated from the rest."""
+
+    record_id: str
+    cause: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ChangePage:
+    """One page of changes. ``cursor`` is where to resume after this page is committed."""
+
+    deals: Sequence[Deal]
+    deleted_ids: Sequence[str] = ()
+    failures: Sequence[RecordFailure] = ()
+    cursor: str | None = None
+    #: True when the adapter fell back to a full resync (expired token, window exceeded); logged.
+    full_resync: bool = False
+
+
+@dataclass(frozen=True)
+class CrmWrite:
+    """Field changes for one CRM record (``crm_id`` None = create). Values are CRM field API names."""
+
+    crm_id: str | None
+    values: dict[str, object]
+    #: the version the change was based on (If-Match / If-Unmodified-Since)
+    based_on: str | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Per-record outcome of a batched write, in request order."""
+
+    key: str
+    ok: bool
+    crm_id: str | None = None
+    error_code: str = ""
+    message: str = ""
+    conflict: bool = False
+    new_version: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class CrmAdapter(Protocol):
+    """What the sync engine needs from a CRM."""
+
+    system: str  # "salesforce" | "dynamics"
+
+    def stages(self) -> Sequence[CrmStage]:
+        """The org's stage metadata (labels, probabilities, closed/won flags, record types)."""
+        ...
+
+    def changes(self, cursor: str | None) -> Iterator[ChangePage]:
+        """Opted-in opportunities changed since ``cursor`` (None = full load), page by page."""
+        ...
+
+    def get(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
+        """Opportunities by id, with related data, in bulk."""
+        ...
+
+    def write(self, writes: Sequence[CrmWrite]) -> Sequence[WriteResult]:
+        """Batched creates/updates; each record's failure is isolated and reported."""
+        ...
+
+
+class ReferralStore(Protocol):
+    """What the sync engine needs from Partner Center."""
+
+    def changes(self, cursor: str | None) -> Iterator[ChangePage]:
+        """Referrals changed since ``cursor`` (server ``updatedDateTime``), page by page."""
+        ...
+
+    def get(self, referral_id: str) -> Deal: ...
+
+    def find_by_external_reference(self, crm_id: str) -> Deal | None: ...
+
+    def create(self, deal: Deal, *, request_id: str) -> Deal: ...
+
+    def update(self, before: Deal, after: Deal, *, request_id: str) -> Deal: ...

@@ -1,0 +1,468 @@
+"""Settings: one YAML file, every key overridable from the environment, secrets never in the YAML.
+
+Layering (pydantic-settings, highest first): environment (``COSELL_`` prefix, ``__`` for nesting,
+e.g. ``COSELL_CONNECTIONS__ACME__CRM__BASE_URL``), then the YAML file (``--config`` or
+``COSELL_CONFIG``), then defaults. Secrets (client secrets, passwords, private keys) come from the
+environment or from a file named by the matching ``*_file`` key (e.g. ``/run/secrets/...``); a secret
+written in the YAML in clear is refused. Every model is frozen.
+
+Bad configuration raises :class:`~connector.errors.ConfigError` with one problem per bad key:
+the file, the key path, what is wrong and what would be valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from connector.errors import ConfigError, ConfigProblem
+
+__all__ = [
+    "SECRET_KEYS",
+    "ConflictPolicy",
+    "Connection",
+    "DynamicsCrm",
+    "PartnerCenter",
+    "SalesforceCrm",
+    "Settings",
+    "SyncPolicy",
+    "load_settings",
+    "read_secret",
+]
+
+ENV_PREFIX = "COSELL_"
+CONNECTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+#: Keys whose values are secrets: allowed from the environment, refused in the YAML file.
+SECRET_KEYS = frozenset({"client_secret", "password", "private_key", "refresh_token", "webhook_secret"})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def read_secret(value: SecretStr | None, file: Path | None, what: str) -> str | None:
+    """The secret's value, from the environment-provided ``value`` or from ``file``; never logged."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                [ConfigProblem(str(file), what, f"cannot read the secret file: {exc.strerror}")]
+            ) from None
+    return None
+
+
+# --- CRM ---------------------------------------------------------------------------------------
+
+
+class SalesforceAuth(_Frozen):
+    """Salesforce OAuth 2.0, done by the connector itself (crm-apis.md §C)."""
+
+    flow: Literal["jwt_bearer", "client_credentials", "password"] = "jwt_bearer"
+    client_id: str
+    username: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    private_key: SecretStr | None = None
+    private_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _flow_needs(self) -> SalesforceAuth:
+        if self.flow in ("jwt_bearer", "password") and not self.username:
+            raise ValueError(f"flow {self.flow} needs a username")
+        return self
+
+
+class SalesforceOptIn(_Frozen):
+    """Which opportunities take part; same idea as Microsoft's "Sync with Partner Center" checkbox."""
+
+    field: str | None = "Sync_with_Partner_Center__c"
+    record_types: tuple[str, ...] = ()
+    soql_filter: str | None = None
+
+
+class SalesforceCrm(_Frozen):
+    kind: Literal["salesforce"]
+    login_url: str = "https://login.salesforce.com"
+    instance_url: str | None = None
+    api_version: str = "59.0"
+    auth: SalesforceAuth
+    opt_in: SalesforceOptIn = SalesforceOptIn()
+    fields: dict[str, str] = Field(default_factory=dict)
+    lookback: timedelta = timedelta(minutes=5)
+    bulk_threshold: int = Field(default=10_000, ge=1)
+    api_budget_share: float = Field(default=0.25, gt=0, le=1)
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{2,3}\.0", v):
+            raise ValueError("api_version looks like 59.0")
+        return v
+
+
+class DynamicsAuth(_Frozen):
+    """Client credentials for an application user in the environment (crm-apis.md §C)."""
+
+    tenant_id: str
+    client_id: str
+    authority: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    certificate_file: Path | None = None
+    certificate_thumbprint: str | None = None
+    private_key_file: Path | None = None
+
+
+class DynamicsOptIn(_Frozen):
+    field: str | None = "new_syncwithpartnercenter"
+    odata_filter: str | None = None
+
+
+class DynamicsCrm(_Frozen):
+    kind: Literal["dynamics"]
+    base_url: str
+    api_version: str = "9.2"
+    auth: DynamicsAuth
+    opt_in: DynamicsOptIn = DynamicsOptIn()
+    fields: dict[str, str] = Field(default_factory=dict)
+    stage_source: Literal["salesstage", "bpf", "statuscode"] = "salesstage"
+    page_size: int = Field(default=500, ge=1, le=5000)
+    lookback: timedelta = timedelta(minutes=5)
+
+
+Crm = Annotated[SalesforceCrm | DynamicsCrm, Field(discriminator="kind")]
+
+
+# --- Partner Center ----------------------------------------------------------------------------
+
+
+class PartnerCenterAuth(_Frozen):
+    """Delegated user sign-in (the Referrals API takes user tokens only, partner-center-api.md §9)."""
+
+    mode: Literal["device_code", "password"] = "device_code"
+    client_id: str
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    scopes: tuple[str, ...] = ("https://api.partner.microsoft.com/.default",)
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> PartnerCenterAuth:
+        if self.mode == "password" and not self.username:
+            raise ValueError("mode password needs a username")
+        return self
+
+
+class PartnerCenter(_Frozen):
+    base_url: str = "https://api.partner.microsoft.com/v1.0"
+    authority: str
+    auth: PartnerCenterAuth
+    sales_stage_format: Literal["percent_string", "percent_number", "stage_word"] = "percent_string"
+    page_size: int = Field(default=100, ge=1, le=1000)
+    lookback: timedelta = timedelta(minutes=5)
+    location_id: str | None = None
+
+    @field_validator("authority")
+    @classmethod
+    def _authority(cls, v: str) -> str:
+        # msal refuses an authority without a path segment (crm-apis.md §C).
+        if not re.fullmatch(r"https://[^/\s]+/[^/\s]+/?", v):
+            raise ValueError("authority looks like https://login.microsoftonline.com/<tenant-id>")
+        return v.rstrip("/")
+
+
+# --- schedule and policy -----------------------------------------------------------------------
+
+
+class Schedule(_Frozen):
+    interval: timedelta | None = timedelta(minutes=10)
+    jitter: timedelta = timedelta(seconds=30)
+    cron: str | None = None
+    full_reconcile: timedelta = timedelta(days=1)
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> Schedule:
+        if self.cron and self.interval and "interval" in self.model_fields_set:
+            raise ValueError("give either interval or cron, not both")
+        if self.cron and len(self.cron.split()) != 5:
+            raise ValueError("cron needs five fields (minute hour day month weekday)")
+        return self
+
+
+ConflictPolicy = Literal["crm-wins", "partner-center-wins", "newest-wins", "manual"]
+
+#: Fields a sync policy may name (the canonical deal's synced fields).
+POLICY_FIELDS = frozenset(
+    {
+        "name",
+        "value",
+        "close_date",
+        "notes",
+        "sales_stage",
+        "status",
+        "team",
+        "solutions",
+        "campaign_id",
+        "customer_contact",
+        "help_requested",
+        "external_reference_id",
+    }
+)
+
+
+class SyncPolicy(_Frozen):
+    default: ConflictPolicy = "newest-wins"
+    fields: dict[str, ConflictPolicy] = Field(default_factory=dict)
+    allow_backward_stages: bool = False
+    create_referrals: bool = True
+    create_opportunities: bool = True
+    dry_run: bool = False
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - POLICY_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(POLICY_FIELDS))}"
+            )
+        return v
+
+
+class Connection(_Frozen):
+    """One CRM org paired with one Partner Center account."""
+
+    crm: Crm
+    partner_center: PartnerCenter
+    mappings: tuple[str, ...] = Field(min_length=1)
+    schedule: Schedule = Schedule()
+    policy: SyncPolicy = SyncPolicy()
+    enabled: bool = True
+
+
+# --- global ------------------------------------------------------------------------------------
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "cosell"
+
+
+class StateSettings(_Frozen):
+    url: str | None = None  # default: sqlite under data_dir
+
+
+class LogSettings(_Frozen):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class TlsSettings(_Frozen):
+    ca_bundle: Path | None = None
+
+
+class HttpSettings(_Frozen):
+    host: str = "0.0.0.0"  # noqa: S104 - the container's health/metrics port must be reachable
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    state: StateSettings = StateSettings()
+    log: LogSettings = LogSettings()
+    tls: TlsSettings = TlsSettings()
+    http: HttpSettings = HttpSettings()
+    connections: dict[str, Connection] = Field(default_factory=dict)
+    #: where the config came from (directory mapping paths are resolved against); set by load_settings
+    config_file: Path | None = None
+
+    @field_validator("connections")
+    @classmethod
+    def _names(cls, v: dict[str, Connection]) -> dict[str, Connection]:
+        for name in v:
+            if not CONNECTION_NAME.match(name):
+                raise ValueError(
+                    f"connection name {name!r} must be lower-case letters, digits and underscores, "
+                    "starting with a letter (it is also used in environment variable names)"
+                )
+        return v
+
+    @property
+    def state_url(self) -> str:
+        return self.state.url or f"sqlite:///{self.data_dir / 'state.db'}"
+
+    def connection(self, name: str) -> Connection:
+        try:
+            return self.connections[name]
+        except KeyError:
+            known = ", ".join(sorted(self.connections)) or "none configured"
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        str(self.config_file or "configuration"),
+                        f"connections.{name}",
+                        "unknown connection",
+                        known,
+                    )
+                ]
+            ) from None
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path from the config file, relative to the file's directory."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.config_file is None:
+            return p
+        return self.config_file.parent / p
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init carries the parsed YAML (see load_settings); the environment wins over it.
+        return (env_settings, init_settings)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _secrets_in(data: Any, path: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key in SECRET_KEYS and value not in (None, ""):
+                found.append(here)
+            found += _secrets_in(value, here)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found += _secrets_in(value, f"{path}[{i}]")
+    return found
+
+
+def _env_name(key_path: str) -> str:
+    return ENV_PREFIX + key_path.replace(".", "__").upper()
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The keys the model accepts at ``loc`` (for 'extra field' errors)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return ""
+            current = field.annotation
+        # walk through dict[str, X] / X | None / Annotated unions
+        args = getattr(current, "__args__", ())
+        if args and not (isinstance(current, type) and issubclass(current, BaseModel)):
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            kind = loc[loc.index(part) + 1] if part in loc and loc.index(part) + 1 < len(loc) else None
+            current = models[-1] if len(models) == 1 or kind is None else models[0]
+            if len(models) > 1:
+                return ""
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return ", ".join(current.model_fields)
+    return ""
+
+
+def _problems(exc: ValidationError, source: str) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("salesforce", "dynamics")))
+        key = ".".join(str(p) for p in loc)
+        message = err["msg"].removeprefix("Value error, ")
+        valid = ""
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+            valid = _valid_keys(Settings, loc)
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif err["type"] == "literal_error" or err["type"] == "union_tag_invalid":
+            valid = str(err.get("ctx", {}).get("expected", ""))
+        problems.append(
+            ConfigProblem(f"{source} (or env {_env_name(key)})" if key else source, key, message, valid)
+        )
+    return problems
+
+
+def load_settings(config_file: Path | str | None = None) -> Settings:
+    """Read the YAML file (``config_file`` or ``$COSELL_CONFIG``), overlay the environment, validate."""
+    path_text = str(config_file) if config_file is not None else os.environ.get("COSELL_CONFIG")
+    path = Path(path_text).expanduser().resolve() if path_text else None
+    data: dict[str, Any] = {}
+    source = str(path) if path else "environment"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([ConfigProblem(str(path), "", "config file not found")]) from None
+        except OSError as exc:
+            raise ConfigError(
+                [ConfigProblem(str(path), "", f"cannot read config file: {exc.strerror}")]
+            ) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(
+                [ConfigProblem(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+            ) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([ConfigProblem(str(path), "", "the config file must be a mapping of keys")])
+        data = loaded
+        secrets = _secrets_in(data)
+        if secrets:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        str(path),
+                        key,
+                        "secrets must not be written in the config file",
+                        f"set {_env_name(key)} or use {key.rsplit('.', 1)[-1]}_file: /run/secrets/...",
+                    )
+                    for key in secrets
+                ]
+            )
+        data.pop("config_file", None)
+    try:
+        return Settings(**data, config_file=path)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, source)) from None
