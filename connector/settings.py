@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -28,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from connector.errors import ConfigError, ConfigProblem
@@ -304,20 +307,11 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     tls: TlsSettings = TlsSettings()
     http: HttpSettings = HttpSettings()
-    connections: dict[str, Connection] = Field(default_factory=dict)
+    connections: dict[Annotated[str, Field(pattern=CONNECTION_NAME.pattern)], Connection] = Field(
+        default_factory=dict
+    )
     #: where the config came from (directory mapping paths are resolved against); set by load_settings
     config_file: Path | None = None
-
-    @field_validator("connections")
-    @classmethod
-    def _names(cls, v: dict[str, Connection]) -> dict[str, Connection]:
-        for name in v:
-            if not CONNECTION_NAME.match(name):
-                raise ValueError(
-                    f"connection name {name!r} must be lower-case letters, digits and underscores, "
-                    "starting with a letter (it is also used in environment variable names)"
-                )
-        return v
 
     @property
     def state_url(self) -> str:
@@ -381,25 +375,45 @@ def _env_name(key_path: str) -> str:
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
-    """The keys the model accepts at ``loc`` (for 'extra field' errors)."""
+    """The keys accepted where an unknown key ``loc[-1]`` was found (for 'unknown key' errors)."""
     current: Any = model
-    for part in loc[:-1]:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while True:
+        origin, args = get_origin(current), get_args(current)
+        if origin is Annotated:
+            current = args[0]
+        elif origin in (dict, Mapping) and parts:
+            parts.pop(0)
+            current = args[1]
+        elif origin in (tuple, list) and parts:
+            parts.pop(0)
+            current = args[0]
+        elif origin in (Union, UnionType):
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tagged = [
+                m
+                for m in models
+                if parts and get_args(m.model_fields.get("kind", _NO_KIND).annotation) == (parts[0],)
+            ]
+            if tagged:
+                parts.pop(0)
+                current = tagged[0]
+            elif len(models) == 1:
+                current = models[0]
+            else:
+                return ""
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            if not parts:
+                return ", ".join(current.model_fields)
+            field = current.model_fields.get(str(parts.pop(0)))
             if field is None:
                 return ""
             current = field.annotation
-        # walk through dict[str, X] / X | None / Annotated unions
-        args = getattr(current, "__args__", ())
-        if args and not (isinstance(current, type) and issubclass(current, BaseModel)):
-            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-            kind = loc[loc.index(part) + 1] if part in loc and loc.index(part) + 1 < len(loc) else None
-            current = models[-1] if len(models) == 1 or kind is None else models[0]
-            if len(models) > 1:
-                return ""
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return ", ".join(current.model_fields)
-    return ""
+        else:
+            return ""
+
+
+_NO_KIND = FieldInfo(annotation=None)
 
 
 def _problems(exc: ValidationError, source: str) -> list[ConfigProblem]:
@@ -411,9 +425,15 @@ def _problems(exc: ValidationError, source: str) -> list[ConfigProblem]:
         valid = ""
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-            valid = _valid_keys(Settings, loc)
+            valid = _valid_keys(Settings, tuple(err["loc"]))
         elif err["type"] == "missing":
             message = "required key is missing"
+        elif err["type"] == "string_pattern_mismatch" and len(loc) == 3 and loc[0] == "connections":
+            key = ".".join(str(p) for p in loc[:2])
+            message = (
+                f"connection name {loc[1]!r} is not allowed (it is also used in environment variable names)"
+            )
+            valid = "lower-case letters, digits and underscores, starting with a letter"
         elif err["type"] == "literal_error" or err["type"] == "union_tag_invalid":
             valid = str(err.get("ctx", {}).get("expected", ""))
         problems.append(

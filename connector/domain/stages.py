@@ -29,6 +29,7 @@ from connector.errors import RecordError
 __all__ = [
     "Band",
     "CrmStage",
+    "CrmStageDecision",
     "LabelRule",
     "Outcome",
     "Resolution",
@@ -36,6 +37,7 @@ __all__ = [
     "StageDecision",
     "StageMapping",
     "StageTarget",
+    "decide_crm_stage",
     "decide_referral_stage",
 ]
 
@@ -272,43 +274,47 @@ class StageMapping:
                 return Resolution(
                     key.target, f"reverse:{key.value}", "explicit reverse entry", crm_label=label
                 )
-        wanted = key.target
         candidates = sorted(
             (s for s in self.stages if s.active and s.allowed_for(record_type)),
             key=lambda s: s.sort_order,
         )
+        open_stages = [s for s in candidates if not s.is_closed]
+        if key is ReverseKey.RECEIVED and open_stages:
+            # An inbound referral nobody answered yet: park it on the earliest open stage (the official
+            # connector's "on-hold stage"), unless the mapping names one.
+            first = open_stages[0]
+            return Resolution(
+                self._target_or_none(first, record_type) or StageTarget.open(StandardStage.ACCEPTED),
+                "reverse-default:received",
+                "earliest open CRM stage (by sort order)",
+                crm_label=first.label,
+            )
+        wanted = key.target
         for s in candidates:
-            try:
-                if self.resolve(s.label, None, record_type).target == wanted:
-                    return Resolution(
-                        wanted,
-                        f"reverse-default:{key.value}",
-                        f"first CRM stage (by sort order) that maps to {wanted}",
-                        crm_label=s.label,
-                    )
-            except RecordError:
-                continue
-        if wanted.outcome is Outcome.OPEN and wanted.stage is not None:
-            # No CRM stage at this standard stage (e.g. the company has no negotiation stage): take the
-            # highest CRM stage below it, so the CRM never jumps ahead of what Partner Center says.
-            below = [
-                (t, s)
-                for s in candidates
-                if not s.is_closed
-                for t in [self._target_or_none(s, record_type)]
-                if t is not None
-                and t.stage is not None
-                and t.outcome is Outcome.OPEN
-                and t.stage < wanted.stage
-            ]
-            if below:
-                t, s = max(below, key=lambda ts: (ts[0].stage, -ts[1].sort_order))
+            if self._target_or_none(s, record_type) == wanted:
                 return Resolution(
-                    t,
-                    f"reverse-nearest:{key.value}",
-                    f"no CRM stage maps to {wanted}; nearest below is {t}",
+                    wanted,
+                    f"reverse-default:{key.value}",
+                    f"first CRM stage (by sort order) that maps to {wanted}",
                     crm_label=s.label,
                 )
+        if wanted.outcome is Outcome.OPEN and wanted.stage is not None:
+            # No CRM stage at this standard stage (e.g. the company has no negotiation stage): take the
+            # highest CRM stage below it, so the CRM never jumps ahead of what Partner Center says; for
+            # the lowest stages, the earliest open stage above.
+            mapped = [
+                (t, s) for s in open_stages for t in [self._target_or_none(s, record_type)] if t and t.stage
+            ]
+            below = [(t, s) for t, s in mapped if t.stage is not None and t.stage < wanted.stage]
+            above = [(t, s) for t, s in mapped if t.stage is not None and t.stage > wanted.stage]
+            if below:
+                t, s = max(below, key=lambda ts: (ts[0].stage or 0, -ts[1].sort_order))
+                why = f"no CRM stage maps to {wanted}; nearest below is {t}"
+                return Resolution(t, f"reverse-nearest:{key.value}", why, crm_label=s.label)
+            if above:
+                t, s = min(above, key=lambda ts: (ts[0].stage or 0, ts[1].sort_order))
+                why = f"no CRM stage maps to {wanted} or below; nearest above is {t}"
+                return Resolution(t, f"reverse-nearest:{key.value}", why, crm_label=s.label)
         raise RecordError(
             f"no CRM stage to set for Partner Center {key.value}"
             + (f" (record type {record_type})" if record_type else "")
@@ -439,7 +445,12 @@ def validate(mapping: StageMapping) -> list[MappingProblem]:
             problems.append(MappingProblem(key, f"unknown CRM stage {label!r}", labels))
             continue
         forward = mapping._target_or_none(known, rt)
-        if forward is not None and forward != k.target:
+        if k is ReverseKey.RECEIVED:
+            if known.is_closed:
+                problems.append(
+                    MappingProblem(key, f"received -> {label!r}: an unanswered referral needs an open stage")
+                )
+        elif forward is not None and forward != k.target:
             problems.append(
                 MappingProblem(
                     key,
@@ -530,3 +541,59 @@ def decide_referral_stage(
 
 def labels_of(stages: Iterable[CrmStage]) -> Sequence[str]:
     return [s.label for s in stages]
+
+
+@dataclass(frozen=True, slots=True)
+class CrmStageDecision:
+    """What a Partner Center change means for the CRM opportunity's stage."""
+
+    label: str | None  # the CRM stage to set; None = leave it
+    resolution: Resolution | None = None
+    refusal: Refusal | None = None
+
+
+def decide_crm_stage(
+    mapping: StageMapping, current_label: str | None, key: ReverseKey, record_type: str | None = None
+) -> CrmStageDecision:
+    """The CRM stage to set when Partner Center reaches ``key``, guarded like the forward direction:
+    a closed CRM opportunity is not reopened and an open one does not move backwards unless the
+    mapping allows it."""
+    resolution = mapping.to_crm(key, record_type)
+    if current_label is None:
+        return CrmStageDecision(resolution.crm_label, resolution)
+    current = mapping.stage(current_label)
+    if current is not None and _norm(current.label) == _norm(resolution.crm_label):
+        return CrmStageDecision(None, resolution)
+    if current is not None and current.is_closed:
+        return CrmStageDecision(
+            None,
+            resolution,
+            Refusal(
+                "crm-closed",
+                f"The opportunity is already closed at {current.label!r}; Partner Center's {key.value} "
+                "does not reopen it.",
+                "sales_stage",
+            ),
+        )
+    target_now = mapping._target_or_none(current, record_type) if current is not None else None
+    new = resolution.target
+    if (
+        not mapping.allow_backward
+        and target_now is not None
+        and target_now.outcome is Outcome.OPEN
+        and new.outcome is Outcome.OPEN
+        and target_now.stage is not None
+        and new.stage is not None
+        and new.stage < target_now.stage
+    ):
+        return CrmStageDecision(
+            None,
+            resolution,
+            Refusal(
+                "stage-backward",
+                f"Partner Center is at {new}, behind the opportunity's {current_label!r} ({target_now}); "
+                "the CRM stage is kept (allow_backward in the mapping changes that).",
+                "sales_stage",
+            ),
+        )
+    return CrmStageDecision(resolution.crm_label, resolution)

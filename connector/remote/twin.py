@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,11 @@ class Twin:
                     self.wfile.write(payload)
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                # The Date header follows the twin's clock: clients that read the server's time
+                # (Salesforce signposts, crm-apis.md §A.3) must see the clock tests move.
+                return formatdate(twin.clock.now().timestamp(), usegmt=True)
 
             def log_message(self, format: str, *args: Any) -> None:
                 return  # the twin keeps its own request log; stderr noise helps nobody
