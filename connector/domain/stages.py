@@ -174,9 +174,19 @@ class StageMapping:
     allow_backward: bool = False
     source: str = ""
     _by_label: dict[str, CrmStage] = field(init=False, repr=False, compare=False)
+    _rule_index: dict[tuple[str, str | None], list[LabelRule]] = field(init=False, repr=False, compare=False)
+    _reverse_cache: dict[tuple[ReverseKey, str | None], Resolution] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
+        # Indexes built once: resolve() runs for every opportunity of every run.
         object.__setattr__(self, "_by_label", {_norm(s.label): s for s in self.stages})
+        index: dict[tuple[str, str | None], list[LabelRule]] = {}
+        for rule in self.rules:
+            index.setdefault((_norm(rule.label), rule.record_type), []).append(rule)
+        object.__setattr__(self, "_rule_index", index)
+        object.__setattr__(self, "_reverse_cache", {})
 
     # --- forward ----------------------------------------------------------------------------------
 
@@ -264,6 +274,12 @@ class StageMapping:
 
     def to_crm(self, key: ReverseKey, record_type: str | None = None) -> Resolution:
         """The CRM stage to set when Partner Center reaches ``key`` (a stage, an outcome or a status)."""
+        cached = self._reverse_cache.get((key, record_type))
+        if cached is None:
+            cached = self._reverse_cache[(key, record_type)] = self._to_crm(key, record_type)
+        return cached
+
+    def _to_crm(self, key: ReverseKey, record_type: str | None) -> Resolution:
         for k, rt, label in self.reverse:
             if k is key and rt == record_type and rt is not None:
                 return Resolution(
