@@ -73,9 +73,10 @@ def _root(
 
 
 def _register() -> None:
-    from connector.cli import mappings
+    from connector.cli import db, mappings
 
     app.add_typer(mappings.app, name="mappings")
+    app.add_typer(db.app, name="db")
 
 
 def main(argv: list[str] | None = None) -> int:

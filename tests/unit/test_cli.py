@@ -93,3 +93,17 @@ def test_explain_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "choose a mapping file" in err and "builtin:dynamics-default.yaml" in err
     code, _, _ = run(capsys, "mappings", "explain", "-f", SF)
     assert code == 2
+
+
+def test_db_upgrade_and_status(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COSELL_CONFIG", str(tmp_path / "empty.yaml"))
+    (tmp_path / "empty.yaml").write_text(f"data_dir: {tmp_path / 'data'}\n")
+    code, out, _ = run(capsys, "db", "status")
+    assert code == 1 and "revision none" in out
+    code, out, _ = run(capsys, "db", "upgrade")
+    assert code == 0 and "revision 0001" in out
+    assert (tmp_path / "data" / "state.db").exists()
+    code, out, _ = run(capsys, "db", "status")
+    assert code == 0

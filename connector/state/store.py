@@ -1,0 +1,811 @@
+"""The state store: one interface, one SQL implementation for SQLite (embedded default) and PostgreSQL.
+
+Everything the engine must not lose lives here: links and their merge-base snapshots, cursors,
+the outbox, dead letters, conflicts, the audit log, run leases and run records. Writes made inside
+``with store.transaction():`` commit together (a cursor advances only with the records it covers);
+outside a transaction each call commits on its own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from connector.errors import ConfigError, ConfigProblem, RetryLater
+from connector.state import tables as t
+from connector.state.records import (
+    AuditEntry,
+    Conflict,
+    DeadLetter,
+    Link,
+    OutboxEntry,
+    OutboxState,
+    RunRecord,
+    System,
+)
+
+__all__ = ["SqlStateStore", "StateStore", "open_store"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StateStore(ABC):
+    """What the engine, the CLI and the daemon need from persistent state."""
+
+    # --- lifecycle
+    @abstractmethod
+    def migrate(self) -> None: ...
+    @abstractmethod
+    def close(self) -> None: ...
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[None]: ...
+    @abstractmethod
+    def ping(self) -> None: ...
+
+    # --- links and snapshots
+    @abstractmethod
+    def link_by_crm(self, connection: str, crm_id: str) -> Link | None: ...
+    @abstractmethod
+    def link_by_referral(self, connection: str, referral_id: str) -> Link | None: ...
+    @abstractmethod
+    def save_link(self, link: Link) -> Link: ...
+    @abstractmethod
+    def iter_links(self, connection: str, batch: int = 1000) -> Iterator[Link]: ...
+    @abstractmethod
+    def count_links(self, connection: str) -> dict[str, int]: ...
+
+    # --- cursors
+    @abstractmethod
+    def cursor(self, connection: str, source: str) -> str | None: ...
+    @abstractmethod
+    def set_cursor(self, connection: str, source: str, value: str | None) -> None: ...
+    @abstractmethod
+    def cursors(self, connection: str) -> dict[str, str]: ...
+
+    # --- outbox
+    @abstractmethod
+    def enqueue(self, entry: OutboxEntry) -> OutboxEntry: ...
+    @abstractmethod
+    def due(self, connection: str, now: datetime | None = None, limit: int = 1000) -> list[OutboxEntry]: ...
+    @abstractmethod
+    def outbox_entries(self, connection: str, states: Sequence[OutboxState] = ()) -> list[OutboxEntry]: ...
+    @abstractmethod
+    def mark_done(self, entry_id: int) -> None: ...
+    @abstractmethod
+    def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None: ...
+    @abstractmethod
+    def mark_attempt_failed(self, entry_id: int, error: str, retry_at: datetime) -> OutboxEntry: ...
+    @abstractmethod
+    def mark_dead(self, entry_id: int, error: str) -> None: ...
+    @abstractmethod
+    def outbox_depth(self, connection: str) -> dict[str, int]: ...
+
+    # --- dead letters
+    @abstractmethod
+    def add_dead_letter(self, letter: DeadLetter) -> DeadLetter: ...
+    @abstractmethod
+    def dead_letters(self, connection: str | None = None, state: str = "open") -> list[DeadLetter]: ...
+    @abstractmethod
+    def set_dead_letter_state(self, letter_id: int, state: str) -> None: ...
+    @abstractmethod
+    def clear_dead_letter(self, connection: str, system: System, record_id: str) -> None: ...
+
+    # --- conflicts
+    @abstractmethod
+    def add_conflict(self, conflict: Conflict) -> Conflict: ...
+    @abstractmethod
+    def conflicts(self, connection: str | None = None, state: str = "open") -> list[Conflict]: ...
+    @abstractmethod
+    def resolve_conflict(self, conflict_id: int, resolution: str) -> Conflict: ...
+
+    # --- audit
+    @abstractmethod
+    def append_audit(self, entries: Sequence[AuditEntry]) -> None: ...
+    @abstractmethod
+    def audit(
+        self,
+        connection: str | None = None,
+        crm_id: str | None = None,
+        referral_id: str | None = None,
+        limit: int = 500,
+    ) -> list[AuditEntry]: ...
+
+    # --- leases and runs
+    @abstractmethod
+    def acquire_lease(
+        self, connection: str, holder: str, ttl: timedelta, now: datetime | None = None
+    ) -> bool: ...
+    @abstractmethod
+    def release_lease(self, connection: str, holder: str) -> None: ...
+    @abstractmethod
+    def lease_holder(self, connection: str, now: datetime | None = None) -> str | None: ...
+    @abstractmethod
+    def start_run(self, run: RunRecord) -> None: ...
+    @abstractmethod
+    def finish_run(self, run_id: str, outcome: str, counts: dict[str, int], error: str = "") -> None: ...
+    @abstractmethod
+    def last_run(self, connection: str) -> RunRecord | None: ...
+
+
+class SqlStateStore(StateStore):
+    """SQLAlchemy 2 Core implementation; the same code runs on SQLite and PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            path = sa.engine.make_url(url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine: Engine = sa.create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._tx: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+            f"tx-{id(self)}", default=None
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except sa.exc.OperationalError as exc:
+            raise _unreachable(self.url, exc) from None
+
+    def schema_revision(self) -> tuple[str | None, str | None]:
+        """(current revision in the database, newest revision shipped)."""
+        head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision(), head
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.OperationalError as exc:
+            raise _unreachable(self.url, exc) from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside commits together or not at all (nested calls join the outer one)."""
+        if self._tx.get() is not None:
+            yield
+            return
+        with self.engine.begin() as conn:
+            token = self._tx.set(conn)
+            try:
+                yield
+            finally:
+                self._tx.reset(token)
+
+    @contextmanager
+    def _conn(self) -> Iterator[Connection]:
+        current = self._tx.get()
+        if current is not None:
+            yield current
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- links ------------------------------------------------------------------------------------
+
+    def link_by_crm(self, connection: str, crm_id: str) -> Link | None:
+        return self._one_link(sa.and_(t.links.c.connection == connection, t.links.c.crm_id == crm_id))
+
+    def link_by_referral(self, connection: str, referral_id: str) -> Link | None:
+        return self._one_link(
+            sa.and_(t.links.c.connection == connection, t.links.c.referral_id == referral_id)
+        )
+
+    def _one_link(self, where: sa.ColumnElement[bool]) -> Link | None:
+        with self._conn() as conn:
+            row = conn.execute(sa.select(t.links).where(where)).mappings().first()
+        return _link(row) if row else None
+
+    def save_link(self, link: Link) -> Link:
+        """Insert or update by CRM id or referral id (whichever is known)."""
+        if link.crm_id is None and link.referral_id is None:
+            raise ValueError("a link needs a CRM id or a referral id")
+        now = _now()
+        values = {
+            "connection": link.connection,
+            "crm_id": link.crm_id,
+            "referral_id": link.referral_id,
+            "snapshot": link.snapshot,
+            "crm_version": link.crm_version,
+            "pc_version": link.pc_version,
+            "crm_written_hash": link.crm_written_hash,
+            "pc_written_hash": link.pc_written_hash,
+            "status": link.status,
+            "status_detail": link.status_detail,
+            "updated_at": now,
+        }
+        with self._conn() as conn:
+            # Match by CRM id first, then by referral id; the unique constraints turn an attempt to
+            # pair one referral with a second opportunity into an IntegrityError, never a silent relink.
+            existing = None
+            for column, value in ((t.links.c.crm_id, link.crm_id), (t.links.c.referral_id, link.referral_id)):
+                if value is not None and existing is None:
+                    existing = conn.execute(
+                        sa.select(t.links.c.id).where(
+                            t.links.c.connection == link.connection, column == value
+                        )
+                    ).first()
+            if existing is None:
+                conn.execute(sa.insert(t.links).values(**values))
+            else:
+                conn.execute(sa.update(t.links).where(t.links.c.id == existing.id).values(**values))
+        return replace(link, updated_at=now)
+
+    def iter_links(self, connection: str, batch: int = 1000) -> Iterator[Link]:
+        """Every link of a connection, streamed in id order (keyset pages, never all in memory)."""
+        last = 0
+        while True:
+            with self._conn() as conn:
+                rows = (
+                    conn.execute(
+                        sa.select(t.links)
+                        .where(t.links.c.connection == connection, t.links.c.id > last)
+                        .order_by(t.links.c.id)
+                        .limit(batch)
+                    )
+                    .mappings()
+                    .all()
+                )
+            if not rows:
+                return
+            for row in rows:
+                yield _link(row)
+            last = rows[-1]["id"]
+
+    def count_links(self, connection: str) -> dict[str, int]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                sa.select(t.links.c.status, sa.func.count())
+                .where(t.links.c.connection == connection)
+                .group_by(t.links.c.status)
+            ).all()
+        return {status: n for status, n in rows}
+
+    # --- cursors ----------------------------------------------------------------------------------
+
+    def cursor(self, connection: str, source: str) -> str | None:
+        with self._conn() as conn:
+            return conn.execute(
+                sa.select(t.cursors.c.value).where(
+                    t.cursors.c.connection == connection, t.cursors.c.source == source
+                )
+            ).scalar()
+
+    def set_cursor(self, connection: str, source: str, value: str | None) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                sa.delete(t.cursors).where(t.cursors.c.connection == connection, t.cursors.c.source == source)
+            )
+            if value is not None:
+                conn.execute(
+                    sa.insert(t.cursors).values(
+                        connection=connection, source=source, value=value, updated_at=_now()
+                    )
+                )
+
+    def cursors(self, connection: str) -> dict[str, str]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                sa.select(t.cursors.c.source, t.cursors.c.value).where(t.cursors.c.connection == connection)
+            ).all()
+        return {source: value for source, value in rows}
+
+    # --- outbox -----------------------------------------------------------------------------------
+
+    def enqueue(self, entry: OutboxEntry) -> OutboxEntry:
+        """Add a write; an entry with the same idempotency key is returned instead of duplicated."""
+        with self._conn() as conn:
+            existing = (
+                conn.execute(sa.select(t.outbox).where(t.outbox.c.idempotency_key == entry.idempotency_key))
+                .mappings()
+                .first()
+            )
+            if existing is not None:
+                return _outbox(existing)
+            now = _now()
+            result = conn.execute(
+                sa.insert(t.outbox).values(
+                    connection=entry.connection,
+                    target=entry.target.value,
+                    operation=entry.operation,
+                    record_key=entry.record_key,
+                    payload=entry.payload,
+                    idempotency_key=entry.idempotency_key,
+                    based_on=entry.based_on,
+                    state=entry.state.value,
+                    attempts=entry.attempts,
+                    wait_reason=entry.wait_reason,
+                    last_error=entry.last_error,
+                    created_at=now,
+                    next_attempt_at=entry.next_attempt_at or now,
+                )
+            )
+            new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        return replace(entry, id=new_id, created_at=now, next_attempt_at=entry.next_attempt_at or now)
+
+    def due(self, connection: str, now: datetime | None = None, limit: int = 1000) -> list[OutboxEntry]:
+        """Pending and waiting entries whose time has come, oldest first."""
+        when = now or _now()
+        with self._conn() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(t.outbox)
+                    .where(
+                        t.outbox.c.connection == connection,
+                        t.outbox.c.state.in_([OutboxState.PENDING.value, OutboxState.WAITING.value]),
+                        t.outbox.c.next_attempt_at <= when,
+                    )
+                    .order_by(t.outbox.c.id)
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            )
+        return [_outbox(r) for r in rows]
+
+    def outbox_entries(self, connection: str, states: Sequence[OutboxState] = ()) -> list[OutboxEntry]:
+        query = sa.select(t.outbox).where(t.outbox.c.connection == connection).order_by(t.outbox.c.id)
+        if states:
+            query = query.where(t.outbox.c.state.in_([s.value for s in states]))
+        with self._conn() as conn:
+            return [_outbox(r) for r in conn.execute(query).mappings().all()]
+
+    def _set_outbox(self, entry_id: int, **values: Any) -> None:
+        with self._conn() as conn:
+            conn.execute(sa.update(t.outbox).where(t.outbox.c.id == entry_id).values(**values))
+
+    def mark_done(self, entry_id: int) -> None:
+        self._set_outbox(entry_id, state=OutboxState.DONE.value, last_error="", wait_reason="")
+
+    def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None:
+        self._set_outbox(
+            entry_id, state=OutboxState.WAITING.value, wait_reason=reason, next_attempt_at=retry_at or _now()
+        )
+
+    def mark_attempt_failed(self, entry_id: int, error: str, retry_at: datetime) -> OutboxEntry:
+        with self._conn() as conn:
+            conn.execute(
+                sa.update(t.outbox)
+                .where(t.outbox.c.id == entry_id)
+                .values(attempts=t.outbox.c.attempts + 1, last_error=error[:4000], next_attempt_at=retry_at)
+            )
+            row = conn.execute(sa.select(t.outbox).where(t.outbox.c.id == entry_id)).mappings().one()
+        return _outbox(row)
+
+    def mark_dead(self, entry_id: int, error: str) -> None:
+        self._set_outbox(entry_id, state=OutboxState.DEAD.value, last_error=error[:4000])
+
+    def outbox_depth(self, connection: str) -> dict[str, int]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                sa.select(t.outbox.c.state, sa.func.count())
+                .where(t.outbox.c.connection == connection, t.outbox.c.state != OutboxState.DONE.value)
+                .group_by(t.outbox.c.state)
+            ).all()
+        return {state: n for state, n in rows}
+
+    # --- dead letters -----------------------------------------------------------------------------
+
+    def add_dead_letter(self, letter: DeadLetter) -> DeadLetter:
+        """Record a failed record; a record already dead-lettered gets its attempt count bumped."""
+        now = _now()
+        key = sa.and_(
+            t.dead_letters.c.connection == letter.connection,
+            t.dead_letters.c.system == letter.system.value,
+            t.dead_letters.c.record_id == letter.record_id,
+        )
+        with self._conn() as conn:
+            existing = conn.execute(sa.select(t.dead_letters).where(key)).mappings().first()
+            if existing is None:
+                conn.execute(
+                    sa.insert(t.dead_letters).values(
+                        connection=letter.connection,
+                        system=letter.system.value,
+                        record_id=letter.record_id,
+                        cause=letter.cause[:128],
+                        detail=letter.detail[:4000],
+                        payload=letter.payload,
+                        attempts=letter.attempts,
+                        state="open",
+                        first_failed_at=now,
+                        last_failed_at=now,
+                    )
+                )
+            else:
+                conn.execute(
+                    sa.update(t.dead_letters)
+                    .where(key)
+                    .values(
+                        cause=letter.cause[:128],
+                        detail=letter.detail[:4000],
+                        payload=letter.payload,
+                        attempts=existing["attempts"] + 1,
+                        state="open",
+                        last_failed_at=now,
+                    )
+                )
+            row = conn.execute(sa.select(t.dead_letters).where(key)).mappings().one()
+        return _dead(row)
+
+    def dead_letters(self, connection: str | None = None, state: str = "open") -> list[DeadLetter]:
+        query = sa.select(t.dead_letters).where(t.dead_letters.c.state == state).order_by(t.dead_letters.c.id)
+        if connection:
+            query = query.where(t.dead_letters.c.connection == connection)
+        with self._conn() as conn:
+            return [_dead(r) for r in conn.execute(query).mappings().all()]
+
+    def set_dead_letter_state(self, letter_id: int, state: str) -> None:
+        if state not in ("open", "retry", "dropped"):
+            raise ValueError(f"unknown dead-letter state {state!r}")
+        with self._conn() as conn:
+            done = conn.execute(
+                sa.update(t.dead_letters).where(t.dead_letters.c.id == letter_id).values(state=state)
+            ).rowcount
+        if not done:
+            raise LookupError(f"no dead letter with id {letter_id}")
+
+    def clear_dead_letter(self, connection: str, system: System, record_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                sa.delete(t.dead_letters).where(
+                    t.dead_letters.c.connection == connection,
+                    t.dead_letters.c.system == system.value,
+                    t.dead_letters.c.record_id == record_id,
+                )
+            )
+
+    # --- conflicts --------------------------------------------------------------------------------
+
+    def add_conflict(self, conflict: Conflict) -> Conflict:
+        """Queue a conflict; the same open (record, field) conflict is updated, not duplicated."""
+        now = _now()
+        with self._conn() as conn:
+            match = sa.and_(
+                t.conflicts.c.connection == conflict.connection,
+                t.conflicts.c.field == conflict.field,
+                t.conflicts.c.state == "open",
+                t.conflicts.c.crm_id == conflict.crm_id
+                if conflict.crm_id
+                else t.conflicts.c.crm_id.is_(None),
+                t.conflicts.c.referral_id == conflict.referral_id
+                if conflict.referral_id
+                else t.conflicts.c.referral_id.is_(None),
+            )
+            existing = conn.execute(sa.select(t.conflicts.c.id).where(match)).first()
+            values = {"base": conflict.base, "crm_value": conflict.crm_value, "pc_value": conflict.pc_value}
+            if existing is not None:
+                conn.execute(sa.update(t.conflicts).where(t.conflicts.c.id == existing.id).values(**values))
+                new_id = existing.id
+            else:
+                result = conn.execute(
+                    sa.insert(t.conflicts).values(
+                        connection=conflict.connection,
+                        crm_id=conflict.crm_id,
+                        referral_id=conflict.referral_id,
+                        field=conflict.field,
+                        state="open",
+                        resolution="",
+                        created_at=now,
+                        **values,
+                    )
+                )
+                new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        return replace(conflict, id=new_id, created_at=now, state="open")
+
+    def conflicts(self, connection: str | None = None, state: str = "open") -> list[Conflict]:
+        query = sa.select(t.conflicts).where(t.conflicts.c.state == state).order_by(t.conflicts.c.id)
+        if connection:
+            query = query.where(t.conflicts.c.connection == connection)
+        with self._conn() as conn:
+            return [_conflict(r) for r in conn.execute(query).mappings().all()]
+
+    def resolve_conflict(self, conflict_id: int, resolution: str) -> Conflict:
+        if resolution not in ("crm", "partner_center", "dismissed"):
+            raise ValueError("resolution is one of crm, partner_center, dismissed")
+        with self._conn() as conn:
+            done = conn.execute(
+                sa.update(t.conflicts)
+                .where(t.conflicts.c.id == conflict_id, t.conflicts.c.state == "open")
+                .values(state="resolved", resolution=resolution, resolved_at=_now())
+            ).rowcount
+            if not done:
+                raise LookupError(f"no open conflict with id {conflict_id}")
+            row = conn.execute(sa.select(t.conflicts).where(t.conflicts.c.id == conflict_id)).mappings().one()
+        return _conflict(row)
+
+    # --- audit ------------------------------------------------------------------------------------
+
+    def append_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        now = _now()
+        with self._conn() as conn:
+            conn.execute(
+                sa.insert(t.audit),
+                [
+                    {
+                        "at": e.at or now,
+                        "connection": e.connection,
+                        "run_id": e.run_id,
+                        "correlation_id": e.correlation_id,
+                        "action": e.action,
+                        "direction": e.direction,
+                        "field": e.field,
+                        "old": e.old,
+                        "new": e.new,
+                        "rule": e.rule,
+                        "crm_id": e.crm_id,
+                        "referral_id": e.referral_id,
+                    }
+                    for e in entries
+                ],
+            )
+
+    def audit(
+        self,
+        connection: str | None = None,
+        crm_id: str | None = None,
+        referral_id: str | None = None,
+        limit: int = 500,
+    ) -> list[AuditEntry]:
+        query = sa.select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
+        if connection:
+            query = query.where(t.audit.c.connection == connection)
+        if crm_id:
+            query = query.where(t.audit.c.crm_id == crm_id)
+        if referral_id:
+            query = query.where(t.audit.c.referral_id == referral_id)
+        with self._conn() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_audit(r) for r in reversed(rows)]
+
+    # --- leases and runs --------------------------------------------------------------------------
+
+    def acquire_lease(
+        self, connection: str, holder: str, ttl: timedelta, now: datetime | None = None
+    ) -> bool:
+        """Take (or renew) the run lease of a connection; an expired lease is taken over.
+
+        One conditional UPDATE, then an INSERT that the primary key makes race-safe: two daemons on
+        one database never both win (prior-art "safe multi-instance operation").
+        """
+        when = now or _now()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                sa.update(t.leases)
+                .where(
+                    t.leases.c.connection == connection,
+                    sa.or_(t.leases.c.holder == holder, t.leases.c.expires_at < when),
+                )
+                .values(holder=holder, acquired_at=when, expires_at=when + ttl)
+            ).rowcount
+            if taken:
+                return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(t.leases).values(
+                        connection=connection, holder=holder, acquired_at=when, expires_at=when + ttl
+                    )
+                )
+            return True
+        except sa.exc.IntegrityError:
+            return False
+
+    def release_lease(self, connection: str, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.delete(t.leases).where(t.leases.c.connection == connection, t.leases.c.holder == holder)
+            )
+
+    def lease_holder(self, connection: str, now: datetime | None = None) -> str | None:
+        with self._conn() as conn:
+            return conn.execute(
+                sa.select(t.leases.c.holder).where(
+                    t.leases.c.connection == connection, t.leases.c.expires_at >= (now or _now())
+                )
+            ).scalar()
+
+    def start_run(self, run: RunRecord) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                sa.insert(t.runs).values(
+                    run_id=run.run_id,
+                    connection=run.connection,
+                    started_at=run.started_at,
+                    outcome="running",
+                    counts={},
+                    error="",
+                )
+            )
+
+    def finish_run(self, run_id: str, outcome: str, counts: dict[str, int], error: str = "") -> None:
+        with self._conn() as conn:
+            conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.run_id == run_id)
+                .values(finished_at=_now(), outcome=outcome, counts=counts, error=error[:4000])
+            )
+
+    def last_run(self, connection: str) -> RunRecord | None:
+        with self._conn() as conn:
+            row = (
+                conn.execute(
+                    sa.select(t.runs)
+                    .where(t.runs.c.connection == connection)
+                    .order_by(t.runs.c.started_at.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        return RunRecord(
+            run_id=row["run_id"],
+            connection=row["connection"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            outcome=row["outcome"],
+            counts=dict(row["counts"]),
+            error=row["error"],
+        )
+
+
+def open_store(url: str, *, migrate: bool = True) -> SqlStateStore:
+    """Open the state store at ``url`` and, by default, apply pending migrations."""
+    try:
+        store = SqlStateStore(url)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "configuration",
+                    "state.url",
+                    f"not a usable database URL ({type(exc).__name__})",
+                    "sqlite:///path/state.db or postgresql+psycopg://user@host/db",
+                )
+            ]
+        ) from None
+    if migrate:
+        store.migrate()
+    return store
+
+
+def _unreachable(url: str, exc: Exception) -> RetryLater:
+    safe = sa.engine.make_url(url).render_as_string(hide_password=True)
+    return RetryLater(
+        f"state store {safe} unreachable: {str(exc.orig if hasattr(exc, 'orig') else exc).strip()}",
+        system="state",
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the daemon's HTTP endpoints read while a run writes; busy_timeout rides out the
+    # short write locks of a second process (e.g. `cosell status` during a run).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+# --- row -> record ---------------------------------------------------------------------------------
+
+
+def _link(row: Any) -> Link:
+    return Link(
+        connection=row["connection"],
+        crm_id=row["crm_id"],
+        referral_id=row["referral_id"],
+        snapshot=dict(row["snapshot"] or {}),
+        crm_version=row["crm_version"],
+        pc_version=row["pc_version"],
+        crm_written_hash=row["crm_written_hash"],
+        pc_written_hash=row["pc_written_hash"],
+        status=row["status"],
+        status_detail=row["status_detail"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _outbox(row: Any) -> OutboxEntry:
+    return OutboxEntry(
+        id=row["id"],
+        connection=row["connection"],
+        target=System(row["target"]),
+        operation=row["operation"],
+        record_key=row["record_key"],
+        payload=dict(row["payload"] or {}),
+        idempotency_key=row["idempotency_key"],
+        based_on=row["based_on"],
+        state=OutboxState(row["state"]),
+        attempts=row["attempts"],
+        wait_reason=row["wait_reason"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+    )
+
+
+def _dead(row: Any) -> DeadLetter:
+    return DeadLetter(
+        id=row["id"],
+        connection=row["connection"],
+        system=System(row["system"]),
+        record_id=row["record_id"],
+        cause=row["cause"],
+        detail=row["detail"],
+        payload=dict(row["payload"] or {}),
+        attempts=row["attempts"],
+        state=row["state"],
+        first_failed_at=row["first_failed_at"],
+        last_failed_at=row["last_failed_at"],
+    )
+
+
+def _conflict(row: Any) -> Conflict:
+    return Conflict(
+        id=row["id"],
+        connection=row["connection"],
+        crm_id=row["crm_id"],
+        referral_id=row["referral_id"],
+        field=row["field"],
+        base=row["base"],
+        crm_value=row["crm_value"],
+        pc_value=row["pc_value"],
+        state=row["state"],
+        resolution=row["resolution"],
+        created_at=row["created_at"],
+        resolved_at=row["resolved_at"],
+    )
+
+
+def _audit(row: Any) -> AuditEntry:
+    return AuditEntry(
+        id=row["id"],
+        at=row["at"],
+        connection=row["connection"],
+        run_id=row["run_id"],
+        correlation_id=row["correlation_id"],
+        action=row["action"],
+        direction=row["direction"],
+        field=row["field"],
+        old=row["old"],
+        new=row["new"],
+        rule=row["rule"],
+        crm_id=row["crm_id"],
+        referral_id=row["referral_id"],
+    )

@@ -1,0 +1,274 @@
+"""Behaviour of the state store, identical on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from connector.state import (
+    AuditEntry,
+    Conflict,
+    DeadLetter,
+    Link,
+    OutboxEntry,
+    OutboxState,
+    RunRecord,
+    SqlStateStore,
+    System,
+    open_store,
+)
+from connector.state.tables import metadata
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def entry(key: str = "k1", **changes: object) -> OutboxEntry:
+    base = OutboxEntry(
+        connection="acme",
+        target=System.PARTNER_CENTER,
+        operation="update",
+        record_key="r-1",
+        payload={"ops": [{"op": "replace", "path": "/details/notes", "value": "x"}]},
+        idempotency_key=key,
+        based_on='"etag-1"',
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+
+def test_migrations_match_the_table_model(store: SqlStateStore) -> None:
+    with store.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diffs == []
+    assert store.schema_revision()[0] == store.schema_revision()[1]
+
+
+def test_migrate_is_idempotent(store_url: str) -> None:
+    open_store(store_url).close()
+    again = open_store(store_url)
+    assert again.schema_revision()[0] is not None
+    again.close()
+
+
+# --- links ---------------------------------------------------------------------------------------
+
+
+def test_links_round_trip_and_upsert_by_either_id(store: SqlStateStore) -> None:
+    link = store.save_link(Link("acme", "006A", None, snapshot={"name": "Deal", "value": "100.00"}))
+    assert link.updated_at is not None and link.updated_at.tzinfo is UTC
+    store.save_link(replace(link, referral_id="r-1", pc_version='"e1"'))
+    by_ref = store.link_by_referral("acme", "r-1")
+    assert by_ref is not None and by_ref.crm_id == "006A" and by_ref.snapshot["value"] == "100.00"
+    store.save_link(replace(by_ref, snapshot={"name": "Renamed"}))
+    got = store.link_by_crm("acme", "006A")
+    assert got is not None and got.snapshot == {"name": "Renamed"} and got.pc_version == '"e1"'
+    assert store.link_by_crm("other", "006A") is None
+    assert store.count_links("acme") == {"linked": 1}
+
+
+def test_one_referral_links_to_one_opportunity(store: SqlStateStore) -> None:
+    store.save_link(Link("acme", "006A", "r-1"))
+    store.save_link(Link("acme", "006B", None))
+    with pytest.raises(sa.exc.IntegrityError):
+        store.save_link(Link("acme", "006B", "r-1"))
+
+
+def test_a_referral_only_link_gains_its_opportunity(store: SqlStateStore) -> None:
+    store.save_link(Link("acme", None, "r-9", status="pending-crm"))
+    store.save_link(Link("acme", "006Z", "r-9"))
+    got = store.link_by_referral("acme", "r-9")
+    assert got is not None and got.crm_id == "006Z" and got.status == "linked"
+    assert store.count_links("acme") == {"linked": 1}
+
+
+def test_iter_links_streams_in_pages(store: SqlStateStore) -> None:
+    with store.transaction():
+        for i in range(25):
+            store.save_link(Link("acme", f"006{i:03d}", f"r-{i}"))
+    store.save_link(Link("other", "006X", "r-x"))
+    ids = [link.crm_id for link in store.iter_links("acme", batch=7)]
+    assert ids == [f"006{i:03d}" for i in range(25)]
+
+
+def test_naive_datetimes_are_refused(store: SqlStateStore) -> None:
+    with pytest.raises(sa.exc.StatementError, match="naive"):
+        store.start_run(RunRecord("run-n", "acme", started_at=datetime(2026, 1, 1)))  # noqa: DTZ001
+
+
+# --- transactions and cursors ------------------------------------------------------------------
+
+
+def test_a_transaction_commits_all_or_nothing(store: SqlStateStore) -> None:
+    with pytest.raises(RuntimeError), store.transaction():
+        store.save_link(Link("acme", "006A", "r-1"))
+        store.set_cursor("acme", "crm", "2026-11-01T00:00:00Z|006A")
+        raise RuntimeError("crash between the records and the cursor")
+    assert store.link_by_crm("acme", "006A") is None
+    assert store.cursor("acme", "crm") is None
+    with store.transaction():
+        store.save_link(Link("acme", "006A", "r-1"))
+        store.set_cursor("acme", "crm", "c1")
+    assert store.cursor("acme", "crm") == "c1"
+    assert store.cursors("acme") == {"crm": "c1"}
+    store.set_cursor("acme", "crm", None)
+    assert store.cursor("acme", "crm") is None
+
+
+# --- outbox --------------------------------------------------------------------------------------
+
+
+def test_outbox_is_idempotent_on_its_key(store: SqlStateStore) -> None:
+    first = store.enqueue(entry())
+    again = store.enqueue(entry(payload={"different": True}))
+    assert first.id == again.id and again.payload == first.payload
+    assert len(store.outbox_entries("acme")) == 1
+
+
+def test_outbox_lifecycle(store: SqlStateStore) -> None:
+    a = store.enqueue(entry("a"))
+    b = store.enqueue(entry("b", operation="create"))
+    assert [e.idempotency_key for e in store.due("acme")] == ["a", "b"]
+    assert a.id is not None and b.id is not None
+    store.mark_done(a.id)
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    failed = store.mark_attempt_failed(b.id, "HTTP 503", retry_at=later)
+    assert failed.attempts == 1 and failed.last_error == "HTTP 503"
+    assert store.due("acme") == []
+    assert [e.idempotency_key for e in store.due("acme", now=later)] == ["b"]
+    store.mark_waiting(b.id, "stage-needs-accepted")
+    waiting = store.outbox_entries("acme", [OutboxState.WAITING])
+    assert [(e.idempotency_key, e.wait_reason) for e in waiting] == [("b", "stage-needs-accepted")]
+    assert store.outbox_depth("acme") == {"waiting": 1}
+    store.mark_dead(b.id, "400 bad request")
+    assert store.outbox_depth("acme") == {"dead": 1}
+
+
+# --- dead letters, conflicts, audit ------------------------------------------------------------
+
+
+def test_dead_letters_count_attempts_and_can_be_retried_or_dropped(store: SqlStateStore) -> None:
+    letter = DeadLetter(
+        "acme", System.CRM, "006A", cause="INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", detail="StageName"
+    )
+    store.add_dead_letter(letter)
+    again = store.add_dead_letter(replace(letter, detail="still bad"))
+    assert again.attempts == 2 and again.detail == "still bad"
+    [listed] = store.dead_letters("acme")
+    assert listed.id is not None
+    store.set_dead_letter_state(listed.id, "retry")
+    assert store.dead_letters("acme") == [] and len(store.dead_letters("acme", state="retry")) == 1
+    store.set_dead_letter_state(listed.id, "dropped")
+    with pytest.raises(LookupError):
+        store.set_dead_letter_state(9999, "dropped")
+    store.clear_dead_letter("acme", System.CRM, "006A")
+    assert store.dead_letters("acme", state="dropped") == []
+
+
+def test_conflicts_queue_and_resolve(store: SqlStateStore) -> None:
+    c = store.add_conflict(
+        Conflict("acme", "006A", "r-1", "value", base="100", crm_value="150", pc_value="120")
+    )
+    store.add_conflict(replace(c, id=None, pc_value="130"))  # same open field: updated, not duplicated
+    [open_one] = store.conflicts("acme")
+    assert open_one.pc_value == "130" and open_one.id == c.id
+    assert open_one.id is not None
+    resolved = store.resolve_conflict(open_one.id, "crm")
+    assert resolved.state == "resolved" and resolved.resolved_at is not None
+    assert store.conflicts("acme") == []
+    with pytest.raises(LookupError):
+        store.resolve_conflict(open_one.id, "crm")
+    with pytest.raises(ValueError, match="resolution"):
+        store.resolve_conflict(open_one.id, "coin-flip")
+
+
+def test_audit_is_append_only_and_filterable(store: SqlStateStore) -> None:
+    entries = [
+        AuditEntry(
+            "acme", "run-1", "corr-1", "set", "crm->pc", "sales_stage", 20, 40, "label:Propose", "006A", "r-1"
+        ),
+        AuditEntry(
+            "acme",
+            "run-1",
+            "corr-1",
+            "refused",
+            "crm->pc",
+            "status",
+            None,
+            None,
+            "terminal-immutable",
+            "006B",
+            "r-2",
+        ),
+    ]
+    store.append_audit(entries)
+    store.append_audit([])
+    got = store.audit("acme", crm_id="006A")
+    assert [(e.field, e.old, e.new, e.rule) for e in got] == [("sales_stage", 20, 40, "label:Propose")]
+    assert got[0].at is not None and got[0].at.tzinfo is UTC
+    assert [e.rule for e in store.audit(referral_id="r-2")] == ["terminal-immutable"]
+    assert len(store.audit("acme")) == 2
+
+
+# --- leases and runs -----------------------------------------------------------------------------
+
+
+def test_lease_excludes_a_second_holder_until_it_expires(store: SqlStateStore) -> None:
+    ttl = timedelta(minutes=5)
+    assert store.acquire_lease("acme", "daemon-a", ttl, now=T0)
+    assert not store.acquire_lease("acme", "daemon-b", ttl, now=T0 + timedelta(minutes=1))
+    assert store.acquire_lease("acme", "daemon-a", ttl, now=T0 + timedelta(minutes=2))  # renew
+    assert store.lease_holder("acme", now=T0 + timedelta(minutes=3)) == "daemon-a"
+    assert store.acquire_lease("acme", "daemon-b", ttl, now=T0 + timedelta(minutes=8))  # expired: taken over
+    assert not store.acquire_lease("acme", "daemon-a", ttl, now=T0 + timedelta(minutes=9))
+    store.release_lease("acme", "daemon-a")  # not the holder: no effect
+    assert store.lease_holder("acme", now=T0 + timedelta(minutes=9)) == "daemon-b"
+    store.release_lease("acme", "daemon-b")
+    assert store.acquire_lease("acme", "daemon-a", ttl, now=T0 + timedelta(minutes=9))
+    assert store.acquire_lease("other", "daemon-b", ttl, now=T0)  # leases are per connection
+
+
+def test_only_one_of_many_racing_daemons_gets_the_lease(store_url: str) -> None:
+    stores = [open_store(store_url, migrate=False) for _ in range(6)]
+    open_store(store_url).close()
+    winners: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def race(i: int) -> None:
+        barrier.wait()
+        if stores[i].acquire_lease("acme", f"daemon-{i}", timedelta(minutes=5)):
+            winners.append(f"daemon-{i}")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(stores))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for s in stores:
+        s.close()
+    assert len(winners) == 1
+
+
+def test_runs_are_recorded(store: SqlStateStore) -> None:
+    assert store.last_run("acme") is None
+    store.start_run(RunRecord("run-1", "acme", started_at=T0))
+    store.start_run(RunRecord("run-2", "acme", started_at=T0 + timedelta(hours=1)))
+    store.finish_run("run-2", "partial", {"updated": 3, "failed": 1}, error="1 record failed")
+    last = store.last_run("acme")
+    assert last is not None and last.run_id == "run-2" and last.outcome == "partial"
+    assert last.counts == {"updated": 3, "failed": 1} and last.finished_at is not None
+
+
+def test_unreachable_database_is_retry_later() -> None:
+    from connector.errors import RetryLater
+
+    with pytest.raises(RetryLater, match="unreachable") as info:
+        open_store("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
+    assert "secret" not in str(info.value)
