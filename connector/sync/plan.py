@@ -1,0 +1,427 @@
+"""Deciding what one pair (CRM opportunity, referral) needs: the plan the engine executes, and what
+``sync --dry-run`` prints. Pure: no I/O, no adapters; every decision carries the rule behind it.
+
+Inputs are the CRM record (canonical deal + the CRM's stage facts), the referral as Partner Center
+has it, the link's merge base, the stage mapping and the connection's policies. Output is a
+:class:`PairPlan`: the Partner Center operations (create, field patch, accept, decline, stage, win,
+lose), the CRM field and stage changes, refusals (blocked, with the rule's words), changes that
+must wait (the rule may allow them later), conflicts for a human, and the new merge base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from connector.domain import rules
+from connector.domain.merge import Direction, FieldConflict, Policy, merge, snapshot_of
+from connector.domain.model import (
+    Contact,
+    Deal,
+    Money,
+    Solution,
+    SolutionKind,
+    StandardStage,
+    Status,
+    Substatus,
+)
+from connector.domain.rules import Refusal
+from connector.domain.stages import (
+    ReverseKey,
+    StageAction,
+    StageMapping,
+    decide_crm_stage,
+    decide_referral_stage,
+)
+from connector.errors import RecordError
+
+__all__ = ["CrmFacts", "PairPlan", "PcOp", "PcOpKind", "pc_state_key", "plan_pair"]
+
+#: Refusals that only mean "not yet": the change waits in the outbox until the rule allows it.
+WAITING_RULES = frozenset({"stage-needs-accepted"})
+
+
+@dataclass(frozen=True)
+class CrmFacts:
+    """What the stage mapping needs from the CRM record besides the canonical deal."""
+
+    stage_label: str
+    probability: int | None = None
+    record_type: str | None = None
+    modified: datetime | None = None
+    lost_reason: str | None = None
+
+
+class PcOpKind(StrEnum):
+    CREATE = "create"
+    PATCH = "patch"  # field changes, applied to the referral as JSON Patch
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    SET_STAGE = "set-stage"
+    WIN = "win"
+    LOSE = "lose"
+
+
+@dataclass(frozen=True)
+class PcOp:
+    kind: PcOpKind
+    after: Deal  # the referral as it should be after this operation
+    rule: str
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    pc_ops: tuple[PcOp, ...] = ()
+    crm_changes: Mapping[str, Any] = field(default_factory=dict)  # canonical field -> new value
+    crm_stage: str | None = None
+    refusals: tuple[Refusal, ...] = ()
+    waiting: tuple[Refusal, ...] = ()
+    conflicts: tuple[FieldConflict, ...] = ()
+    base: dict[str, Any] = field(default_factory=dict)
+    explanations: tuple[tuple[str, str, Any, Any, str], ...] = ()  # (field, direction, old, new, rule)
+
+    @property
+    def is_noop(self) -> bool:
+        return not (
+            self.pc_ops
+            or self.crm_changes
+            or self.crm_stage
+            or self.refusals
+            or self.waiting
+            or self.conflicts
+        )
+
+
+def pc_state_key(referral: Deal) -> ReverseKey:
+    """Where the referral stands, in the vocabulary of the reverse stage mapping."""
+    sub = referral.substatus
+    if sub in (Substatus.RECEIVED, Substatus.PENDING):
+        return ReverseKey.RECEIVED
+    if sub is Substatus.DECLINED:
+        return ReverseKey.DECLINED
+    if sub in (Substatus.EXPIRED, Substatus.ERROR):
+        return ReverseKey.EXPIRED
+    if sub is Substatus.WON:
+        return ReverseKey.WON
+    if sub is Substatus.LOST:
+        return ReverseKey.LOST
+    stage = referral.sales_stage or StandardStage.ACCEPTED
+    return ReverseKey.WON if stage is StandardStage.WON else ReverseKey(stage.name.lower())
+
+
+def _apply_fields(deal: Deal, values: Mapping[str, Any]) -> Deal:
+    """The deal with merged canonical values applied (the inverse of snapshot_of, field by field)."""
+    changes: dict[str, Any] = {}
+    currency = values.get("currency", deal.value.currency if deal.value else None)
+    if "value" in values or "currency" in values:
+        amount = values.get("value", str(deal.value.amount) if deal.value else None)
+        changes["value"] = Money(Decimal(amount), currency) if amount is not None and currency else None
+    if "name" in values:
+        changes["name"] = values["name"]
+    if "close_date" in values:
+        changes["close_date"] = date.fromisoformat(values["close_date"]) if values["close_date"] else None
+    if "notes" in values:
+        changes["notes"] = values["notes"] or ""
+    if "campaign_id" in values:
+        changes["campaign_id"] = values["campaign_id"]
+    if "external_reference_id" in values:
+        changes["external_reference_id"] = values["external_reference_id"]
+    if "team" in values:
+        changes["team"] = tuple(
+            Contact(m["first_name"], m["last_name"], email=m["email"], phone=m["phone"])
+            for m in values["team"]
+        )
+    if "solutions" in values:
+        known = {s.id: s for s in deal.solutions}
+        changes["solutions"] = tuple(
+            known.get(i) or Solution(SolutionKind.OWN, i) for i in values["solutions"]
+        )
+    return replace(deal, **changes)
+
+
+def plan_pair(
+    crm: Deal | None,
+    facts: CrmFacts | None,
+    referral: Deal | None,
+    base: Mapping[str, Any] | None,
+    mapping: StageMapping,
+    *,
+    policies: Mapping[str, Policy] | None = None,
+    default_policy: Policy = Policy.NEWEST_WINS,
+    create_referrals: bool = True,
+    create_opportunities: bool = True,
+) -> PairPlan:
+    """Plan one pair. ``crm`` None = a referral with no opportunity yet; ``referral`` None = an
+    opted-in opportunity with no referral yet; ``base`` None = never synced."""
+    if referral is None:
+        assert crm is not None and facts is not None
+        return _plan_create_referral(crm, facts, mapping, create_referrals)
+    if crm is None:
+        return _plan_create_opportunity(referral, mapping, create_opportunities)
+    assert facts is not None
+    return _plan_linked(crm, facts, referral, base, mapping, policies or {}, default_policy)
+
+
+def _plan_create_referral(crm: Deal, facts: CrmFacts, mapping: StageMapping, enabled: bool) -> PairPlan:
+    if not enabled:
+        return PairPlan()
+    try:
+        target = mapping.resolve(facts.stage_label, facts.probability, facts.record_type).target
+    except RecordError as exc:
+        return PairPlan(refusals=(Refusal("stage-unmapped", str(exc), "sales_stage"),))
+    if target.stage is None or target.stage is StandardStage.WON:
+        # Partner Center takes no closed deal as a new referral: it starts Accepted and moves on.
+        why = "The opportunity is already closed; Partner Center creates referrals only for open deals."
+        return PairPlan(refusals=(Refusal("create-closed-deal", why, "status"),))
+    draft = replace(
+        crm,
+        referral_id=None,
+        status=Status.ACTIVE,
+        substatus=Substatus.ACCEPTED,
+        sales_stage=target.stage,
+        external_reference_id=crm.crm_id,
+        deal_type=rules.derive_deal_type(crm),
+    )
+    refusals = rules.check_create(draft)
+    if refusals:
+        return PairPlan(refusals=tuple(refusals))
+    base = {**snapshot_of(draft), "crm_stage": facts.stage_label, "pc_state": pc_state_key(draft).value}
+    return PairPlan(
+        pc_ops=(PcOp(PcOpKind.CREATE, draft, f"opted in, no referral yet ({draft.deal_type.value})"),),
+        base=base,
+        explanations=(("referral", Direction.TO_PARTNER_CENTER.value, None, draft.name, "create"),),
+    )
+
+
+def _plan_create_opportunity(referral: Deal, mapping: StageMapping, enabled: bool) -> PairPlan:
+    if not enabled or referral.is_terminal:
+        return PairPlan()
+    key = pc_state_key(referral)
+    try:
+        resolution = mapping.to_crm(key)
+    except RecordError as exc:
+        return PairPlan(refusals=(Refusal("stage-unmapped", str(exc), "sales_stage"),))
+    base = {**snapshot_of(referral), "crm_stage": resolution.crm_label, "pc_state": key.value}
+    return PairPlan(
+        crm_changes={**snapshot_of(referral), "referral_id": referral.referral_id},
+        crm_stage=resolution.crm_label,
+        base=base,
+        explanations=(("opportunity", Direction.TO_CRM.value, None, referral.name, resolution.rule),),
+    )
+
+
+def _plan_linked(
+    crm: Deal,
+    facts: CrmFacts,
+    referral: Deal,
+    base: Mapping[str, Any] | None,
+    mapping: StageMapping,
+    policies: Mapping[str, Policy],
+    default_policy: Policy,
+) -> PairPlan:
+    explanations: list[tuple[str, str, Any, Any, str]] = []
+    refusals: list[Refusal] = []
+    waiting: list[Refusal] = []
+    pc_ops: list[PcOp] = []
+    crm_changes: dict[str, Any] = {}
+    crm_stage: str | None = None
+
+    fields_plan = merge(
+        base,
+        snapshot_of(crm),
+        snapshot_of(referral),
+        policies=policies,
+        default_policy=default_policy,
+        crm_modified=facts.modified,
+        pc_modified=referral.updated_at,
+    )
+    new_base = dict(fields_plan.base)
+    to_pc = fields_plan.toward(Direction.TO_PARTNER_CENTER)
+    for change in fields_plan.changes:
+        explanations.append((change.field, change.direction.value, change.old, change.new, change.rule))
+    if referral.is_terminal and to_pc:
+        refusals += rules.check_update(referral, _apply_fields(referral, to_pc))[:1]
+        # the CRM keeps its values; the base follows Partner Center, which can no longer change
+        for name in to_pc:
+            new_base[name] = snapshot_of(referral)[name]
+        to_pc = {}
+    elif to_pc:
+        after = _apply_fields(referral, to_pc)
+        refused = rules.check_update(referral, after)
+        if refused:
+            refusals += refused
+            for name in to_pc:
+                new_base[name] = (base or {}).get(name, snapshot_of(referral)[name])
+        else:
+            pc_ops.append(PcOp(PcOpKind.PATCH, after, "field changes", tuple(sorted(to_pc))))
+            referral = after
+    crm_changes.update(fields_plan.toward(Direction.TO_CRM))
+
+    # --- deal type: the CRM's visibility/help answers upgrade the referral, never downgrade it
+    if not referral.is_terminal:
+        upgraded = replace(
+            referral,
+            share_with_microsoft=referral.share_with_microsoft or crm.share_with_microsoft,
+            help_requested=referral.help_requested or crm.help_requested,
+            customer_contact=referral.customer_contact or crm.customer_contact,
+            contact_consent=referral.contact_consent or crm.contact_consent,
+        )
+        upgraded = replace(upgraded, deal_type=rules.derive_deal_type(upgraded))
+        if upgraded != referral:
+            refused = [r for r in rules.check_update(referral, upgraded) if r.rule != "immutable-field"]
+            if refused:
+                refusals += refused
+            else:
+                rule = f"upgrade: {referral.deal_type.value} -> {upgraded.deal_type.value}"
+                pc_ops.append(PcOp(PcOpKind.PATCH, upgraded, rule, ("deal_type",)))
+                explanations.append(
+                    (
+                        "deal_type",
+                        Direction.TO_PARTNER_CENTER.value,
+                        referral.deal_type.value,
+                        upgraded.deal_type.value,
+                        rule,
+                    )
+                )
+                referral = upgraded
+        if (referral.share_with_microsoft and not crm.share_with_microsoft) or (
+            referral.help_requested is not None and crm.help_requested is None
+        ):
+            refusals += [
+                r
+                for r in rules.check_update(
+                    referral,
+                    replace(
+                        referral,
+                        share_with_microsoft=crm.share_with_microsoft,
+                        help_requested=crm.help_requested,
+                    ),
+                )
+                if r.rule in ("share-no-downgrade", "help-type-locked")
+            ]
+
+    # --- stage and status: through the mapping and the rules, never a blind copy
+    known = base or {}
+    pc_key = pc_state_key(referral)
+    crm_moved = known.get("crm_stage") != facts.stage_label
+    pc_moved = known.get("pc_state") != pc_key.value
+    if crm_moved and pc_moved and known:
+        policy = policies.get("sales_stage", default_policy)
+        if policy is Policy.MANUAL or (
+            policy is Policy.NEWEST_WINS and (facts.modified is None or referral.updated_at is None)
+        ):
+            conflict = FieldConflict("sales_stage", known.get("crm_stage"), facts.stage_label, pc_key.value)
+            return PairPlan(
+                tuple(pc_ops), crm_changes, None, tuple(refusals), (), (*fields_plan.conflicts, conflict),
+                new_base, tuple(explanations),
+            )  # fmt: skip
+        crm_first = policy is Policy.CRM_WINS or (
+            policy is Policy.NEWEST_WINS
+            and facts.modified is not None
+            and referral.updated_at is not None
+            and facts.modified >= referral.updated_at
+        )
+        crm_moved, pc_moved = crm_first, not crm_first
+    if crm_moved or not known:
+        ops, refused = _crm_stage_to_referral(mapping, referral, facts)
+        for op in ops:
+            pc_ops.append(op)
+            explanations.append(
+                ("stage", Direction.TO_PARTNER_CENTER.value, pc_key.value, facts.stage_label, op.rule)
+            )
+            referral = op.after
+        for r in refused:
+            (waiting if r.rule in WAITING_RULES else refusals).append(r)
+        if ops or not refused:
+            new_base["crm_stage"] = facts.stage_label
+            new_base["pc_state"] = pc_state_key(referral).value
+        else:
+            new_base["crm_stage"] = known.get("crm_stage", facts.stage_label)
+            new_base["pc_state"] = pc_key.value
+    elif pc_moved:
+        decision = decide_crm_stage(mapping, facts.stage_label, pc_key, facts.record_type)
+        if decision.label is not None:
+            crm_stage = decision.label
+            rule = decision.resolution.rule if decision.resolution else "reverse"
+            explanations.append(("stage", Direction.TO_CRM.value, facts.stage_label, decision.label, rule))
+        if decision.refusal is not None:
+            refusals.append(decision.refusal)
+        new_base["crm_stage"] = crm_stage or facts.stage_label
+        new_base["pc_state"] = pc_key.value
+    else:
+        new_base["crm_stage"] = facts.stage_label
+        new_base["pc_state"] = pc_key.value
+
+    return PairPlan(
+        tuple(pc_ops),
+        crm_changes,
+        crm_stage,
+        tuple(refusals),
+        tuple(waiting),
+        fields_plan.conflicts,
+        new_base,
+        tuple(explanations),
+    )
+
+
+def _crm_stage_to_referral(
+    mapping: StageMapping, referral: Deal, facts: CrmFacts
+) -> tuple[list[PcOp], list[Refusal]]:
+    """A CRM stage move as a referral operation: accept/decline an unanswered inbound referral, set
+    a stage, win or lose; or the refusals that forbid it."""
+    if referral.status is Status.NEW and not referral.is_terminal:
+        try:
+            target = mapping.resolve(facts.stage_label, facts.probability, facts.record_type).target
+        except RecordError as exc:
+            return [], [Refusal("stage-unmapped", str(exc), "sales_stage")]
+        received = mapping.to_crm(ReverseKey.RECEIVED, facts.record_type).crm_label
+        if facts.stage_label.casefold() == received.casefold():
+            return [], []  # still parked on the "received" stage: nothing to answer yet
+        if target.stage is None:  # moved to a lost stage: decline
+            reason = facts.lost_reason
+            refused = rules.check_decline(referral, reason)
+            if refused:
+                return [], refused
+            after = replace(
+                referral, status=Status.CLOSED, substatus=Substatus.DECLINED, status_reason=reason
+            )
+            return [PcOp(PcOpKind.DECLINE, after, "CRM moved the unanswered referral to a lost stage")], []
+        refused = rules.check_accept(referral)
+        if refused:
+            return [], refused
+        accepted = replace(referral, status=Status.ACTIVE, substatus=Substatus.ACCEPTED)
+        op_rule = "CRM moved the referral off its received stage"
+        if target.stage is StandardStage.WON:
+            won = replace(accepted, status=Status.CLOSED, substatus=Substatus.WON)
+            return [PcOp(PcOpKind.ACCEPT, accepted, op_rule), PcOp(PcOpKind.WIN, won, "closed-flag:won")], []
+        return [PcOp(PcOpKind.ACCEPT, replace(accepted, sales_stage=target.stage), op_rule)], []
+    try:
+        decision = decide_referral_stage(
+            mapping,
+            referral,
+            facts.stage_label,
+            facts.probability,
+            facts.record_type,
+            lost_reason=facts.lost_reason,
+        )
+    except RecordError as exc:
+        return [], [Refusal("stage-unmapped", str(exc), "sales_stage")]
+    rule = decision.resolution.rule if decision.resolution else ""
+    if decision.action is StageAction.REFUSED:
+        return [], list(decision.refusals)
+    if decision.action is StageAction.SET_STAGE:
+        return [PcOp(PcOpKind.SET_STAGE, replace(referral, sales_stage=decision.stage), rule)], []
+    if decision.action is StageAction.WIN:
+        return [
+            PcOp(PcOpKind.WIN, replace(referral, status=Status.CLOSED, substatus=Substatus.WON), rule)
+        ], []
+    if decision.action is StageAction.LOSE:
+        reason = facts.lost_reason or "Others"
+        after = replace(referral, status=Status.CLOSED, substatus=Substatus.LOST, status_reason=reason)
+        return [PcOp(PcOpKind.LOSE, after, rule)], []
+    return [], []
