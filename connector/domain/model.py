@@ -19,6 +19,7 @@ __all__ = [
     "INCENTIVE_PROGRAMS",
     "Address",
     "Contact",
+    "CrmStageInfo",
     "Customer",
     "Deal",
     "DealType",
@@ -282,6 +283,23 @@ class PartnerInvitation:
 
 
 @dataclass(frozen=True, slots=True)
+class CrmStageInfo:
+    """The CRM's own stage facts for a deal read from the CRM: what the stage mapping needs."""
+
+    label: str
+    probability: int | None = None
+    record_type: str | None = None
+    #: the CRM's last-modified time (server clock), for newest-wins
+    modified: datetime | None = None
+    #: the lost/decline reason as the CRM words it (mapped through the reasons value map)
+    lost_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.modified is not None:
+            object.__setattr__(self, "modified", require_utc(self.modified, "modified"))
+
+
+@dataclass(frozen=True, slots=True)
 class VersionTag:
     """The remote's concurrency token for the version we read: an eTag, SystemModstamp or versionnumber."""
 
@@ -327,6 +345,8 @@ class Deal:
     version: VersionTag | None = None
     # Solution-assessment stages completed so far (all are mandatory before Won).
     assessment_stages_done: frozenset[int] = field(default_factory=frozenset)
+    #: set on deals read from a CRM: the CRM stage label, probability and record type
+    crm_stage: CrmStageInfo | None = None
 
     def __post_init__(self) -> None:
         for name in ("created_at", "updated_at"):

@@ -55,6 +55,13 @@ class CrmFacts:
     modified: datetime | None = None
     lost_reason: str | None = None
 
+    @classmethod
+    def of(cls, deal: Deal) -> CrmFacts:
+        info = deal.crm_stage
+        if info is None:
+            raise RecordError(f"{deal.label} was read without its CRM stage", cause="crm-stage-missing")
+        return cls(info.label, info.probability, info.record_type, info.modified, info.lost_reason)
+
 
 class PcOpKind(StrEnum):
     CREATE = "create"
