@@ -10,14 +10,15 @@ keyset, a delta link); the engine persists them only after the records they cove
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from connector.domain.model import Deal
 from connector.domain.stages import CrmStage
 
-__all__ = ["ChangePage", "CrmAdapter", "CrmWrite", "RecordFailure", "ReferralStore", "WriteResult"]
+__all__ = ["ChangePage", "CrmAdapter", "CrmChange", "CrmWrite", "RecordFailure", "ReferralStore", "WriteResult"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,27 @@ class CrmWrite:
 
 
 @dataclass(frozen=True)
+class CrmChange:
+    """What the engine wants changed on one CRM opportunity, in canonical terms; the adapter maps
+    it onto its own fields (configurable API names) and builds the :class:`CrmWrite`.
+
+    ``fields`` uses the merge snapshot's names and JSON-ready values (name, value, currency,
+    close_date, notes, campaign_id, team, solutions); ``crm_id`` None creates an opportunity.
+    """
+
+    crm_id: str | None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    stage: str | None = None  # the CRM stage label to set
+    referral_id: str | None = None
+    referral_link: str | None = None
+    sync_status: str | None = None  # e.g. "synced", "blocked: terminal-immutable"
+    audit_line: str | None = None
+    synced_at: datetime | None = None
+    based_on: str | None = None
+    key: str = ""  # idempotency key, echoed in WriteResult.key
+
+
+@dataclass(frozen=True)
 class WriteResult:
     """Per-record outcome of a batched write, in request order."""
 
@@ -85,6 +107,10 @@ class CrmAdapter(Protocol):
 
     def write(self, writes: Sequence[CrmWrite]) -> Sequence[WriteResult]:
         """Batched creates/updates; each record's failure is isolated and reported."""
+        ...
+
+    def apply(self, changes: Sequence[CrmChange]) -> Sequence[WriteResult]:
+        """Canonical changes -> CRM writes (one batch); results in order, keyed by ``CrmChange.key``."""
         ...
 
 

@@ -1,0 +1,654 @@
+"""One sync run of one connection: pull both sides, pair, plan, act, record.
+
+The order of a run (docs/architecture.md):
+
+1. take the connection's run lease (two daemons never sync one connection at once);
+2. replay the outbox: creates whose answer was never recorded are resumed (looked up by
+   ``externalReferenceId`` first, so a crash never duplicates a referral);
+3. retry open dead letters by id;
+4. Partner Center changes since its cursor, page by page: pair each referral with its opportunity
+   (link, else ``externalReferenceId``), read those opportunities in one batched call, plan, act;
+5. CRM changes since its cursor, page by page, skipping opportunities step 4 already reconciled;
+6. each page ends with one batched CRM write, then one transaction that saves links (the new merge
+   base), audit rows and the page's cursor — a cursor never moves past records not committed.
+
+A record that fails is isolated (dead letter with its cause); a rule that refuses a change marks the
+record blocked with the rule's words; a rule that only says "not yet" leaves the change waiting.
+``dry_run`` plans everything and writes nothing, on either side or in the state store.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connector.domain.merge import Policy, values_hash
+from connector.domain.model import Deal
+from connector.errors import ConflictError, RecordError, RuleViolation
+from connector.mappings import MappingSet
+from connector.seams import CrmAdapter, CrmChange, RecordFailure, ReferralStore
+from connector.settings import Connection
+from connector.state import (
+    AuditEntry,
+    Conflict,
+    DeadLetter,
+    Link,
+    OutboxEntry,
+    OutboxState,
+    RunRecord,
+    StateStore,
+    System,
+)
+from connector.sync.plan import CrmFacts, PairPlan, PcOp, PcOpKind, plan_pair
+
+__all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
+
+log = structlog.get_logger(__name__)
+
+PC_CURSOR, CRM_CURSOR = "partner_center", "crm"
+MAX_RECORD_ATTEMPTS = 5  # a dead letter retried this many times stays dead until a human acts
+
+
+@dataclass(frozen=True)
+class PlannedRecord:
+    """One record's plan, for the dry-run printout and the run report."""
+
+    crm_id: str | None
+    referral_id: str | None
+    name: str
+    plan: PairPlan
+
+
+@dataclass
+class RunReport:
+    connection: str
+    run_id: str
+    correlation_id: str
+    dry_run: bool
+    counts: Counter[str] = field(default_factory=Counter)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (record, cause, message)
+    planned: list[PlannedRecord] = field(default_factory=list)
+    full_resync: bool = False
+
+    @property
+    def outcome(self) -> str:
+        return "partial" if self.counts["failed"] or self.counts["blocked"] else "ok"
+
+
+@dataclass
+class _Pending:
+    """A record whose Partner Center side is done and whose CRM write waits for the page's batch."""
+
+    link: Link
+    change: CrmChange | None
+    audit: list[AuditEntry]
+
+
+class SyncEngine:
+    """Runs one connection. Build a new engine (and new clients) per run: the Partner Center client's
+    ``MS-CorrelationId`` is per run."""
+
+    def __init__(
+        self,
+        name: str,
+        connection: Connection,
+        store: StateStore,
+        crm: CrmAdapter,
+        pc: ReferralStore,
+        mappings: MappingSet,
+        *,
+        holder: str | None = None,
+        lease_ttl: timedelta = timedelta(minutes=15),
+        correlation_id: str | None = None,
+    ) -> None:
+        self.name = name
+        self.connection = connection
+        self.store = store
+        self.crm = crm
+        self.pc = pc
+        self.mappings = mappings
+        self.holder = holder or f"cosell-{uuid.uuid4().hex[:8]}"
+        self.lease_ttl = lease_ttl
+        self.correlation_id = correlation_id or str(uuid.uuid4())
+        policy = connection.policy
+        self.policies = {k: Policy(v) for k, v in policy.fields.items()}
+        self.default_policy = Policy(policy.default)
+        self._report: RunReport | None = None
+        self._touched_crm: set[str] = set()
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        full: bool = False,
+        crm_id: str | None = None,
+        referral_id: str | None = None,
+    ) -> RunReport:
+        run_id = uuid.uuid4().hex
+        report = self._report = RunReport(self.name, run_id, self.correlation_id, dry_run)
+        self._touched_crm = set()
+        bound = log.bind(connection=self.name, run_id=run_id, correlation_id=self.correlation_id)
+        if not dry_run and not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
+            from connector.errors import RetryLater
+
+            raise RetryLater(
+                f"connection {self.name}: another process holds the run lease "
+                f"({self.store.lease_holder(self.name)}); it will be retried",
+                system="state",
+            )
+        if not dry_run:
+            self.store.start_run(RunRecord(run_id, self.name, started_at=datetime.now(UTC)))
+        bound.info("run.start", dry_run=dry_run, full=full)
+        error = ""
+        try:
+            if crm_id or referral_id:
+                self._targeted(crm_id, referral_id)
+            else:
+                if not dry_run:
+                    self._replay_outbox()
+                    self._retry_dead_letters()
+                self._pc_phase(full)
+                self._crm_phase(full)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if not dry_run:
+                self.store.finish_run(
+                    run_id, "failed" if error else report.outcome, dict(report.counts), error
+                )
+                self.store.release_lease(self.name, self.holder)
+            bound.info("run.end", outcome="failed" if error else report.outcome, **dict(report.counts))
+        return report
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    def _pc_phase(self, full: bool) -> None:
+        report = self._need_report()
+        cursor = None if full else self.store.cursor(self.name, PC_CURSOR)
+        for page in self.pc.changes(cursor):
+            report.full_resync |= page.full_resync
+            self._failures(System.PARTNER_CENTER, page.failures)
+            self._reconcile_referrals(list(page.deals))
+            self._commit_cursor(PC_CURSOR, page.cursor)
+
+    def _crm_phase(self, full: bool) -> None:
+        report = self._need_report()
+        cursor = None if full else self.store.cursor(self.name, CRM_CURSOR)
+        for page in self.crm.changes(cursor):
+            report.full_resync |= page.full_resync
+            self._failures(System.CRM, page.failures)
+            deals = [d for d in page.deals if d.crm_id and d.crm_id not in self._touched_crm]
+            self._reconcile_opportunities(deals)
+            for gone in page.deleted_ids:
+                self._crm_deleted(gone)
+            self._commit_cursor(CRM_CURSOR, page.cursor)
+
+    def _targeted(self, crm_id: str | None, referral_id: str | None) -> None:
+        if referral_id:
+            self._reconcile_referrals([self.pc.get(referral_id)])
+        if crm_id:
+            self._reconcile_opportunities(list(self.crm.get([crm_id])))
+
+    def _commit_cursor(self, source: str, cursor: str | None) -> None:
+        if self._need_report().dry_run or cursor is None:
+            return
+        self.store.set_cursor(self.name, source, cursor)
+
+    # --- pairing ----------------------------------------------------------------------------------
+
+    def _reconcile_referrals(self, referrals: Sequence[Deal]) -> None:
+        pairs: list[tuple[Deal, Link | None, str | None]] = []
+        for referral in referrals:
+            if referral.referral_id is None:
+                continue
+            link = self.store.link_by_referral(self.name, referral.referral_id)
+            crm_id = link.crm_id if link else (referral.external_reference_id or None)
+            if link is None and crm_id:
+                link = self.store.link_by_crm(self.name, crm_id)
+            pairs.append((referral, link, crm_id))
+        wanted = sorted({c for _, _, c in pairs if c})
+        opportunities = {d.crm_id: d for d in self._get_crm(wanted)} if wanted else {}
+        pending: list[_Pending] = []
+        for referral, link, crm_id in pairs:
+            crm = opportunities.get(crm_id) if crm_id else None
+            if crm_id and crm is None and link is not None and link.crm_id:
+                self._orphan(link, f"opportunity {crm_id} is gone or no longer opted in")
+                continue
+            if crm is not None and crm.crm_id:
+                self._touched_crm.add(crm.crm_id)
+            pending += self._reconcile(crm, referral, link)
+        self._flush(pending)
+
+    def _reconcile_opportunities(self, opportunities: Sequence[Deal]) -> None:
+        pending: list[_Pending] = []
+        for crm in opportunities:
+            assert crm.crm_id is not None
+            link = self.store.link_by_crm(self.name, crm.crm_id)
+            referral = None
+            if link is not None and link.referral_id:
+                try:
+                    referral = self.pc.get(link.referral_id)
+                except RecordError as exc:
+                    self._fail(System.PARTNER_CENTER, link.referral_id, exc, crm_id=crm.crm_id)
+                    continue
+            pending += self._reconcile(crm, referral, link)
+        self._flush(pending)
+
+    def _get_crm(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
+        try:
+            return self.crm.get(crm_ids)
+        except RecordError as exc:  # one malformed id must not sink the page: read them one by one
+            out: list[Deal] = []
+            for crm_id in crm_ids:
+                try:
+                    out += self.crm.get([crm_id])
+                except RecordError as inner:
+                    self._fail(System.CRM, crm_id, inner)
+            log.info("crm.get_isolated", connection=self.name, cause=exc.cause)
+            return out
+
+    # --- one pair ---------------------------------------------------------------------------------
+
+    def _reconcile(
+        self, crm: Deal | None, referral: Deal | None, link: Link | None, depth: int = 0
+    ) -> list[_Pending]:
+        report = self._need_report()
+        record = (crm.crm_id if crm else None) or (referral.referral_id if referral else None) or "?"
+        try:
+            facts = CrmFacts.of(crm) if crm is not None else None
+            plan = plan_pair(
+                crm,
+                facts,
+                referral,
+                link.snapshot if link and link.snapshot else None,
+                self.mappings.stages,
+                policies=self.policies,
+                default_policy=self.default_policy,
+                create_referrals=self.connection.policy.create_referrals,
+                create_opportunities=self.connection.policy.create_opportunities,
+            )
+        except RecordError as exc:
+            self._fail(System.CRM if crm else System.PARTNER_CENTER, record, exc)
+            return []
+        name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
+        if plan.is_noop:
+            report.counts["unchanged"] += 1
+            return []
+        report.planned.append(
+            PlannedRecord(crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan)
+        )
+        if report.dry_run:
+            report.counts["planned"] += 1
+            return []
+        try:
+            return [self._act(crm, referral, link, plan)]
+        except ConflictError as exc:
+            if depth == 0 and referral is not None and referral.referral_id:
+                # The referral changed between our read and our write (412): re-read, re-plan, once.
+                report.counts["reread"] += 1
+                fresh = self.pc.get(referral.referral_id)
+                return self._reconcile(crm, fresh, link, depth=1)
+            self._fail(
+                System.PARTNER_CENTER, record, RecordError(str(exc), record_id=record, cause="pc-conflict")
+            )
+        except RuleViolation as exc:
+            self._blocked(crm, referral, link, [(exc.rule, str(exc))])
+        except RecordError as exc:
+            self._fail(System.PARTNER_CENTER if referral else System.CRM, record, exc)
+        return []
+
+    def _act(self, crm: Deal | None, referral: Deal | None, link: Link | None, plan: PairPlan) -> _Pending:
+        report = self._need_report()
+        crm_id = crm.crm_id if crm else (link.crm_id if link else None)
+        audit: list[AuditEntry] = []
+        for fieldname, direction, old, new, rule in plan.explanations:
+            audit.append(self._audit("set", direction, fieldname, old, new, rule, crm_id, referral))
+        for conflict in plan.conflicts:
+            self.store.add_conflict(
+                Conflict(self.name, crm_id, referral.referral_id if referral else None, conflict.field,
+                         conflict.base, conflict.crm_value, conflict.pc_value)
+            )  # fmt: skip
+            audit.append(
+                self._audit(
+                    "conflict",
+                    "none",
+                    conflict.field,
+                    conflict.crm_value,
+                    conflict.pc_value,
+                    "policy:manual",
+                    crm_id,
+                    referral,
+                )
+            )
+            report.counts["conflicts"] += 1
+        for refusal in plan.refusals:
+            audit.append(
+                self._audit("refused", "none", refusal.field, None, None, refusal.rule, crm_id, referral)
+            )
+        for waiting in plan.waiting:
+            audit.append(
+                self._audit("waiting", "none", waiting.field, None, None, waiting.rule, crm_id, referral)
+            )
+            self._wait(
+                crm_id or (referral.referral_id if referral else None) or "?", waiting.rule, waiting.message
+            )
+        # Partner Center first: a created referral's id goes back to the CRM in the same page batch.
+        current = referral
+        for op in _coalesce(plan.pc_ops):
+            current = self._pc_write(op, current, crm_id)
+            report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
+        status = "synced"
+        if plan.refusals:
+            status = f"blocked: {plan.refusals[0].rule}"
+            report.counts["blocked"] += 1
+            report.problems.append((crm_id or "?", plan.refusals[0].rule, plan.refusals[0].message))
+        elif plan.waiting:
+            status = f"waiting: {plan.waiting[0].rule}"
+            report.counts["waiting"] += 1
+        change: CrmChange | None = None
+        fields = dict(plan.crm_changes)
+        new_referral_id = current.referral_id if current else None
+        wants_crm = bool(fields or plan.crm_stage) or (
+            new_referral_id and (link is None or link.referral_id != new_referral_id)
+        )
+        status_changed = link is None or link.status_detail != status
+        if wants_crm or status_changed:
+            fields.pop("referral_id", None)
+            change = CrmChange(
+                crm_id=crm_id,
+                fields=fields,
+                stage=plan.crm_stage,
+                referral_id=new_referral_id,
+                sync_status=status,
+                audit_line=_audit_line(plan, status),
+                synced_at=datetime.now(UTC),
+                based_on=crm.version.value if crm and crm.version else None,
+                key=uuid.uuid4().hex,
+            )
+        base = dict(plan.base)
+        new_link = Link(
+            self.name,
+            crm_id,
+            new_referral_id,
+            snapshot=base,
+            crm_version=crm.version.value if crm and crm.version else (link.crm_version if link else None),
+            pc_version=current.version.value
+            if current and current.version
+            else (link.pc_version if link else None),
+            crm_written_hash=values_hash(fields) if fields else (link.crm_written_hash if link else None),
+            pc_written_hash=link.pc_written_hash if link else None,
+            status="blocked" if plan.refusals else "linked",
+            status_detail=status,
+        )
+        return _Pending(new_link, change, audit)
+
+    def _pc_write(self, op: PcOp, current: Deal | None, crm_id: str | None) -> Deal:
+        """One Partner Center write, with its outbox row committed before the request."""
+        key = str(uuid.uuid4())
+        record_key = crm_id or (current.referral_id if current else "") or "?"
+        entry = self.store.enqueue(
+            OutboxEntry(
+                self.name,
+                System.PARTNER_CENTER,
+                op.kind.value,
+                record_key,
+                payload={
+                    "crm_id": crm_id,
+                    "referral_id": current.referral_id if current else None,
+                    "rule": op.rule,
+                },
+                idempotency_key=key,
+                based_on=current.version.value if current and current.version else None,
+            )
+        )
+        if op.kind is PcOpKind.CREATE:
+            created = self.pc.create(op.after, request_id=key)
+            if crm_id:
+                # Record the pairing at once: a crash before the page commits must not lose it.
+                self.store.save_link(
+                    Link(
+                        self.name,
+                        crm_id,
+                        created.referral_id,
+                        snapshot={},
+                        status="linked",
+                        status_detail="creating",
+                    )
+                )
+            result = created
+        else:
+            assert current is not None
+            after = replace(op.after, version=current.version)
+            result = self.pc.update(current, after, request_id=key)
+        assert entry.id is not None
+        self.store.mark_done(entry.id)
+        return result
+
+    def _flush(self, pending: list[_Pending]) -> None:
+        """End of a page: one batched CRM write, then links + audit in one transaction."""
+        if not pending:
+            return
+        report = self._need_report()
+        changes = [p.change for p in pending if p.change is not None]
+        results = {r.key: r for r in self.crm.apply(changes)} if changes else {}
+        with self.store.transaction():
+            for p in pending:
+                link = p.link
+                if p.change is not None:
+                    result = results.get(p.change.key)
+                    if result is None or not result.ok:
+                        cause = result.error_code if result else "no-result"
+                        message = result.message if result else "the CRM returned no result for this record"
+                        self._fail(
+                            System.CRM,
+                            link.crm_id or link.referral_id or "?",
+                            RecordError(message, cause=cause),
+                        )
+                        continue
+                    if p.change.crm_id is None and result.crm_id:
+                        link = replace(link, crm_id=result.crm_id)
+                        report.counts["crm_created"] += 1
+                        p.audit.append(
+                            self._audit(
+                                "create",
+                                "pc->crm",
+                                "opportunity",
+                                None,
+                                result.crm_id,
+                                "inbound referral",
+                                result.crm_id,
+                                None,
+                            )
+                        )
+                    elif p.change.fields or p.change.stage:
+                        report.counts["crm_updated"] += 1
+                    if result.new_version:
+                        link = replace(link, crm_version=result.new_version)
+                if link.crm_id is None and link.referral_id is None:
+                    continue
+                self.store.save_link(link)
+                if link.crm_id:
+                    self.store.clear_dead_letter(self.name, System.CRM, link.crm_id)
+                self.store.append_audit(p.audit)
+                report.counts["synced"] += 1
+
+    # --- outbox, dead letters, problems -----------------------------------------------------------
+
+    def _replay_outbox(self) -> None:
+        """Creates that were sent but whose answer was never recorded: resume them exactly once."""
+        report = self._need_report()
+        for entry in self.store.due(self.name):
+            if entry.state is OutboxState.WAITING:
+                continue  # re-evaluated when its record is planned again
+            assert entry.id is not None
+            crm_id = entry.payload.get("crm_id")
+            if entry.operation == PcOpKind.CREATE.value and crm_id:
+                found = self.pc.find_by_external_reference(str(crm_id))
+                if found is not None:
+                    self.store.save_link(
+                        Link(
+                            self.name,
+                            str(crm_id),
+                            found.referral_id,
+                            snapshot={},
+                            status="linked",
+                            status_detail="adopted",
+                        )
+                    )
+                    report.counts["pc_adopted"] += 1
+                    self._touched_crm.discard(str(crm_id))
+                # Not found: the POST never landed; the CRM phase re-plans and creates it.
+            self.store.mark_done(entry.id)
+
+    def _retry_dead_letters(self) -> None:
+        for letter in self.store.dead_letters(self.name):
+            if letter.attempts >= MAX_RECORD_ATTEMPTS:
+                continue
+            try:
+                if letter.system is System.CRM:
+                    self._reconcile_opportunities(list(self.crm.get([letter.record_id])))
+                else:
+                    self._reconcile_referrals([self.pc.get(letter.record_id)])
+            except RecordError as exc:
+                self._fail(letter.system, letter.record_id, exc)
+        for letter in self.store.dead_letters(self.name, state="retry"):
+            assert letter.id is not None
+            self.store.set_dead_letter_state(letter.id, "open")
+
+    def _fail(self, system: System, record_id: str, exc: RecordError, crm_id: str | None = None) -> None:
+        report = self._need_report()
+        report.counts["failed"] += 1
+        report.problems.append((record_id, exc.cause or type(exc).__name__, str(exc)))
+        log.warning(
+            "record.failed", connection=self.name, system=system.value, record_id=record_id, cause=exc.cause
+        )
+        if not report.dry_run:
+            self.store.add_dead_letter(
+                DeadLetter(
+                    self.name, system, record_id, cause=exc.cause or type(exc).__name__, detail=str(exc)
+                )
+            )
+
+    def _failures(self, system: System, failures: Iterable[RecordFailure]) -> None:
+        for failure in failures:
+            self._fail(
+                system, failure.record_id, RecordError(failure.detail or failure.cause, cause=failure.cause)
+            )
+
+    def _blocked(
+        self, crm: Deal | None, referral: Deal | None, link: Link | None, refusals: list[tuple[str, str]]
+    ) -> None:
+        report = self._need_report()
+        report.counts["blocked"] += 1
+        crm_id = crm.crm_id if crm else None
+        for rule, message in refusals:
+            report.problems.append(
+                (crm_id or (referral.referral_id if referral else "?") or "?", rule, message)
+            )
+        if link is not None and not report.dry_run:
+            self.store.save_link(replace(link, status="blocked", status_detail=f"blocked: {refusals[0][0]}"))
+
+    def _wait(self, record_key: str, rule: str, message: str) -> None:
+        entry = self.store.enqueue(
+            OutboxEntry(
+                self.name,
+                System.PARTNER_CENTER,
+                "wait",
+                record_key,
+                payload={"rule": rule, "message": message},
+                idempotency_key=f"wait:{self.name}:{record_key}:{rule}",
+                state=OutboxState.WAITING,
+                wait_reason=rule,
+            )
+        )
+        assert entry.id is not None
+
+    def _orphan(self, link: Link, why: str) -> None:
+        report = self._need_report()
+        report.counts["orphaned"] += 1
+        if not report.dry_run:
+            self.store.save_link(replace(link, status="orphaned", status_detail=why))
+
+    def _crm_deleted(self, crm_id: str) -> None:
+        link = self.store.link_by_crm(self.name, crm_id)
+        if link is not None:
+            self._orphan(link, "opportunity deleted in the CRM")
+
+    def _audit(
+        self,
+        action: str,
+        direction: str,
+        fieldname: str,
+        old: Any,
+        new: Any,
+        rule: str,
+        crm_id: str | None,
+        referral: Deal | None,
+    ) -> AuditEntry:
+        report = self._need_report()
+        return AuditEntry(
+            self.name,
+            report.run_id,
+            self.correlation_id,
+            action,
+            direction,
+            fieldname,
+            _jsonable(old),
+            _jsonable(new),
+            rule,
+            crm_id,
+            referral.referral_id if referral else None,
+        )
+
+    def _need_report(self) -> RunReport:
+        assert self._report is not None, "no run in progress"
+        return self._report
+
+
+def _coalesce(ops: Sequence[PcOp]) -> list[PcOp]:
+    """Fold consecutive operations into one PATCH where Partner Center allows it: a changed record
+    costs one write. Status transitions that must happen in steps (accept, then win) stay apart."""
+    out: list[PcOp] = []
+    for op in ops:
+        if out and op.kind not in (PcOpKind.CREATE,) and out[-1].kind is not PcOpKind.CREATE:
+            prev = out[-1]
+            status_steps = sum(
+                1
+                for o in (prev, op)
+                if o.kind in (PcOpKind.ACCEPT, PcOpKind.DECLINE, PcOpKind.WIN, PcOpKind.LOSE)
+            )
+            if status_steps <= 1:
+                kind = op.kind if op.kind is not PcOpKind.PATCH else prev.kind
+                out[-1] = PcOp(kind, op.after, f"{prev.rule}; {op.rule}", prev.fields + op.fields)
+                continue
+        out.append(op)
+    return out
+
+
+def _audit_line(plan: PairPlan, status: str) -> str:
+    changed = sorted({e[0] for e in plan.explanations})
+    text = f"{datetime.now(UTC):%Y-%m-%d %H:%M}Z {status}"
+    if changed:
+        text += ": " + ", ".join(changed)
+    if plan.refusals:
+        text += f" | {plan.refusals[0].message}"
+    return text[:255]
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
