@@ -15,8 +15,17 @@ import httpx
 import requests
 
 from connector import __version__
+from connector.errors import ConfigError
 
-__all__ = ["USER_AGENT", "http_client", "requests_session", "ssl_context"]
+__all__ = [
+    "USER_AGENT",
+    "TlsTrustError",
+    "http_client",
+    "is_tls_failure",
+    "requests_session",
+    "ssl_context",
+    "tls_hint",
+]
 
 USER_AGENT = f"cosell/{__version__}"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -62,3 +71,25 @@ def requests_session(ca_bundle: Path | None, *, proxies: dict[str, str] | None =
         session.proxies.update(proxies)
     session.headers["User-Agent"] = USER_AGENT
     return session
+
+
+class TlsTrustError(ConfigError):
+    """A server's certificate is not trusted by the configured CA bundle: retrying cannot help."""
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """Whether a transport error (or anything in its cause chain) is a certificate verification failure."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def tls_hint(host: str) -> str:
+    """The operator-facing fix for :class:`TlsTrustError`."""
+    return (
+        f"the certificate presented by {host} is not trusted by this host. If it is signed by a private CA "
+        "(a TLS-inspecting proxy, the sandbox twins), set tls.ca_bundle to that CA's PEM file"
+    )

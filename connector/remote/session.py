@@ -22,6 +22,7 @@ import structlog
 
 from connector.errors import RateLimited, RetryLater
 from connector.remote.calls import CallCounter
+from connector.remote.http import TlsTrustError, is_tls_failure, tls_hint
 from connector.remote.retry import RetryPolicy, parse_retry_after
 from connector.remote.tokens import TokenProvider
 
@@ -108,6 +109,10 @@ class ApiSession:
             )
         except httpx.TransportError as exc:
             self.calls.record(self.system, operation, "error")
+            if is_tls_failure(exc):
+                # An untrusted certificate does not heal with retries: say how to fix it instead.
+                host = httpx.URL(url).host or self.http.base_url.host
+                raise TlsTrustError(f"{self.system} {operation}: {tls_hint(host)}") from exc
             raise RetryLater(
                 f"{self.system} {operation}{' for ' + record_id if record_id else ''}: "
                 f"connection failed ({type(exc).__name__})",

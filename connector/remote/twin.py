@@ -178,7 +178,10 @@ class Twin:
         server.daemon_threads = True
         server.socket = self.ca.server_context().wrap_socket(server.socket, server_side=True)
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"{self.name}-twin", daemon=True)
+        # A short poll interval: stop() waits up to one interval, and tests start and stop twins often.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"{self.name}-twin", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -1,0 +1,1377 @@
+"""The Salesforce CRM adapter: reads and writes opportunities through simple-salesforce in direct mode.
+
+Reading (:meth:`SalesforceAdapter.changes`), per run:
+
+1. ``GET /limits`` — its ``Date`` header is the **signpost**: Salesforce's own clock at run start.
+   Every query is capped ``SystemModstamp <= signpost``; a record modified during the run is read
+   next run, never skipped. The daemon's clock never feeds a cursor (crm-apis.md §A.3).
+2. Deletes: ``getDeleted`` from the last covered time minus the lookback; if the cursor is older
+   than its 15-day window, or Salesforce says its delete log starts later (``earliestDateAvailable``),
+   the run becomes a **full resync** — flagged on every page and logged.
+3. Opportunities: one ``queryAll`` ``ORDER BY SystemModstamp, Id`` from ``watermark - lookback``
+   (``>=``), paged by ``nextRecordsUrl`` (2,000 rows). Each page's cursor is its last
+   ``(SystemModstamp, Id)``; should the query locator expire, the scan resumes by keyset from that
+   pair. Rows sharing a timestamp and late commits within the lookback are re-read, never skipped;
+   duplicates are harmless because the engine applies idempotently. A full load above
+   ``bulk_threshold`` rows uses a Bulk API 2.0 query job instead.
+4. Related data per page with IN queries (never one query per opportunity), chunked to stay under
+   Salesforce's 16,384-byte URI limit: Account, OpportunityContactRole + Contact,
+   OpportunityTeamMember + User (owner first), OpportunityLineItem product codes (or a configured
+   multi-select field).
+
+Writing (:meth:`SalesforceAdapter.write`): sObject Collections of up to 200 records with
+``allOrNone=false``; each record's error is reported on its own :class:`~connector.seams.WriteResult`
+(row locks are retried a few times first); writes that carry ``based_on`` go one by one with
+``If-Unmodified-Since`` so a 412 becomes a conflict.
+
+Limits: every response's ``Sforce-Limit-Info`` feeds an :class:`ApiBudget`; a run stops with
+:class:`~connector.errors.RateLimited` at its share of the daily allocation, and 403
+``REQUEST_LIMIT_EXCEEDED`` is "stop and resume later", never a short retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from email.utils import format_datetime, parsedate_to_datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import requests
+import structlog
+from simple_salesforce.api import Salesforce, SFType
+from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
+from simple_salesforce.util import exception_handler
+
+from connector.domain.model import (
+    Address,
+    Contact,
+    CrmStageInfo,
+    Customer,
+    Deal,
+    DealType,
+    Direction,
+    HelpType,
+    Money,
+    Solution,
+    SolutionKind,
+    StandardStage,
+    Status,
+    Substatus,
+    VersionTag,
+)
+from connector.domain.stages import CrmStage, Outcome, StageMapping
+from connector.errors import (
+    ConfigError,
+    ConfigProblem,
+    ConflictError,
+    CosellError,
+    FatalError,
+    RateLimited,
+    RecordError,
+    RetryLater,
+    SignInRequired,
+)
+from connector.remote.calls import CallCounter
+from connector.remote.http import requests_session
+from connector.remote.retry import RetryPolicy
+from connector.salesforce import soql
+from connector.salesforce.auth import SalesforceSignIn
+from connector.salesforce.countries import country_code
+from connector.seams import ChangePage, CrmAdapter, CrmChange, CrmWrite, RecordFailure, WriteResult
+from connector.settings import SalesforceCrm
+
+__all__ = [
+    "DEFAULT_FIELDS",
+    "ApiBudget",
+    "Cursor",
+    "OpportunityRow",
+    "PullPage",
+    "SalesforceAdapter",
+    "SalesforceApiError",
+    "parse_sf_datetime",
+]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SYSTEM = "salesforce"
+#: Field roles the connector reads/writes -> default API names (override with ``crm.fields``).
+DEFAULT_FIELDS: Mapping[str, str] = {
+    "referral_id": "Partner_Center_Referral_Id__c",
+    "referral_link": "Partner_Center_Referral_Link__c",
+    "sync_status": "Partner_Center_Sync_Status__c",
+    "last_sync": "Partner_Center_Last_Sync__c",
+    "audit": "Partner_Center_Audit__c",
+    "help_type": "Partner_Center_Help_Type__c",
+    "solutions": "",  # a multi-select picklist of solution codes; empty = OpportunityLineItem.ProductCode
+    "account_duns": "DunsNumber",
+    "notes": "Description",
+    "campaign": "CampaignId",
+    "lost_reason": "",  # e.g. Loss_Reason__c: the CRM's words for why a deal was lost
+}
+#: Roles whose field must exist in the org (the rest are read when present).
+REQUIRED_ROLES = frozenset({"referral_id", "referral_link", "sync_status", "last_sync", "audit"})
+AUDIT_MAX = 255
+#: getDeleted covers 15 days (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_getdeleted.htm);
+#: we keep an hour of margin so Salesforce's clock and ours never disagree at the edge.
+DELETE_WINDOW = timedelta(days=15) - timedelta(hours=1)
+COLLECTION_MAX = 200  # https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections.htm
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_OPP_BASE = (
+    "Id",
+    "Name",
+    "StageName",
+    "Probability",
+    "Amount",
+    "CloseDate",
+    "IsClosed",
+    "IsWon",
+    "AccountId",
+    "OwnerId",
+    "RecordTypeId",
+    "CreatedDate",
+    "LastModifiedDate",
+    "SystemModstamp",
+    "IsDeleted",
+)
+_PERSON = ("Id", "FirstName", "LastName", "Email", "Phone", "Title")
+_ACCOUNT = (
+    "Id",
+    "Name",
+    "BillingStreet",
+    "BillingCity",
+    "BillingState",
+    "BillingPostalCode",
+    "BillingCountry",
+)
+_USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
+
+
+# --- small records ---------------------------------------------------------------------------------
+
+
+def parse_sf_datetime(value: object) -> datetime:
+    """A Salesforce datetime as aware UTC: REST ISO (``…+0000``, ``Z``, ``+00:00``) or Bulk epoch ms."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return EPOCH + timedelta(milliseconds=float(value))
+    if not isinstance(value, str) or not value:
+        raise ValueError("not a Salesforce datetime")
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return EPOCH + timedelta(milliseconds=int(text))
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    text = re.sub(r"([+-]\d{2})(\d{2})$", r"\1:\2", text)
+    parsed = datetime.fromisoformat(text)
+    if parsed.utcoffset() is None:
+        raise ValueError("a Salesforce datetime without an offset")
+    return parsed.astimezone(UTC)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a pull resumes: the last ``(SystemModstamp, Id)`` read and how far deletes are covered.
+
+    Both timestamps are Salesforce's own (row stamps, the signpost, getDeleted's latestDateCovered).
+    """
+
+    ts: datetime
+    id: str
+    deletes: datetime
+
+    def encode(self) -> str:
+        return "sf1:" + json.dumps({"ts": _iso(self.ts), "id": self.id, "del": _iso(self.deletes)})
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            if not text.startswith("sf1:"):
+                raise ValueError("unknown cursor version")
+            data = json.loads(text[4:])
+            ident = str(data["id"])
+            if ident:
+                soql.sf_id(ident)
+            return cls(parse_sf_datetime(data["ts"]), ident, parse_sf_datetime(data["del"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FatalError(
+                f"stored Salesforce cursor is corrupt ({exc}); reset it to run a full resync"
+            ) from None
+
+
+@dataclass(frozen=True)
+class OpportunityRow:
+    """One opportunity as read: the canonical deal plus the CRM facts the stage mapping needs."""
+
+    deal: Deal
+    stage_name: str
+    probability: int | None
+    record_type: str | None
+    system_modstamp: datetime
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class PullPage:
+    rows: tuple[OpportunityRow, ...]
+    deleted_ids: tuple[str, ...] = ()
+    failures: tuple[RecordFailure, ...] = ()
+    cursor: str | None = None
+    full_resync: bool = False
+
+    def to_change_page(self) -> ChangePage:
+        return ChangePage(
+            deals=tuple(r.deal for r in self.rows),
+            deleted_ids=self.deleted_ids,
+            failures=self.failures,
+            cursor=self.cursor,
+            full_resync=self.full_resync,
+        )
+
+
+class SalesforceApiError(CosellError):
+    """A Salesforce error the caller must classify (400/404/412...): status, errorCode, message."""
+
+    def __init__(self, status: int, code: str, message: str, fields: Sequence[str] = ()) -> None:
+        super().__init__(f"Salesforce HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = tuple(fields)
+
+
+@dataclass
+class ApiBudget:
+    """Stops a run at ``run_share`` of the daily allocation used by this run, or once the day's usage
+    reaches ``day_share`` (tap-salesforce's 25 % / 80 %, prior-art.md §6 #7). Fed by ``Sforce-Limit-Info``
+    (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_api_usage.htm)."""
+
+    run_share: float = 0.25
+    day_share: float = 0.80
+    used: int | None = None
+    total: int | None = None
+    run_start: int | None = None
+
+    def begin_run(self) -> None:
+        self.run_start = self.used
+
+    def observe(self, used: int, total: int) -> None:
+        if self.run_start is None:
+            self.run_start = max(0, used - 1)
+        self.used, self.total = used, total
+
+    def check(self) -> None:
+        if self.used is None or not self.total:
+            return
+        run_used = self.used - (self.run_start or 0)
+        if run_used >= self.run_share * self.total:
+            raise RateLimited(
+                f"Salesforce API budget for this run is spent ({run_used} calls, "
+                f"{self.run_share:.0%} of the daily {self.total}); the run stops and resumes next time",
+                system=SYSTEM,
+            )
+        if self.used >= self.day_share * self.total:
+            raise RateLimited(
+                f"Salesforce daily API usage is at {self.used}/{self.total} "
+                f"(stop at {self.day_share:.0%}); resume later",
+                system=SYSTEM,
+                retry_after=3600.0,
+            )
+
+
+class _NoRetry(Exception):
+    """Carries an error through tenacity without a retry (RateLimited from Salesforce is not short)."""
+
+    def __init__(self, error: CosellError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _LocatorExpired(Exception):
+    pass
+
+
+@dataclass
+class _Run:
+    signpost: datetime
+    opp_fields: dict[str, str] = field(default_factory=dict)  # name -> type
+    account_fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Related:
+    accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    contact_of: dict[str, dict[str, Any]] = field(default_factory=dict)  # opp id -> contact
+    team_of: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # opp id -> users
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    codes_of: dict[str, list[str]] = field(default_factory=dict)  # opp id -> product codes
+
+
+# --- the adapter -----------------------------------------------------------------------------------
+
+
+class SalesforceAdapter:
+    """:class:`~connector.seams.CrmAdapter` for Salesforce. One instance per run (caches are per run)."""
+
+    system = SYSTEM
+
+    def __init__(
+        self,
+        crm: SalesforceCrm,
+        *,
+        ca_bundle: Path | None = None,
+        sign_in: SalesforceSignIn | None = None,
+        calls: CallCounter | None = None,
+        policy: RetryPolicy | None = None,
+        stage_mapping: StageMapping | None = None,
+        solution_map: Mapping[str, Solution] | None = None,
+        day_share: float = 0.80,
+        default_currency: str = "USD",
+        default_deal_type: DealType = DealType.PARTNER_LED,
+        page_size: int = 2000,
+        bulk_page_size: int = 10_000,
+        bulk_max_wait: float = 600.0,
+        timeout: float = 120.0,
+        proxies: dict[str, str] | None = None,
+    ) -> None:
+        self._crm = crm
+        self.calls = calls or CallCounter()
+        self._policy = policy or RetryPolicy()
+        self._sign_in = sign_in or SalesforceSignIn(
+            crm, ca_bundle=ca_bundle, policy=self._policy, calls=self.calls
+        )
+        self._mapping = stage_mapping
+        self._solutions = dict(solution_map or {})
+        self._default_currency = default_currency
+        self._default_deal_type = default_deal_type
+        self._page_size = page_size
+        self._bulk_page_size = bulk_page_size
+        self._bulk_max_wait = bulk_max_wait
+        self._timeout = timeout
+        self.budget = ApiBudget(run_share=crm.api_budget_share, day_share=day_share)
+        self.fields = self._resolve_fields(crm.fields)
+        self._opt_in = self._opt_in_conds(crm)
+        # one requests session for the whole adapter: trust_env=False so the connector's CA bundle
+        # wins over REQUESTS_CA_BUNDLE (crm-apis.md §D); the hook sees every response.
+        self._session = requests_session(ca_bundle, proxies=proxies)
+        self._session.hooks["response"].append(self._on_response)
+        self._sf: Salesforce | None = None
+        self._server_date: datetime | None = None
+        self._run: _Run | None = None
+        self._stages: tuple[CrmStage, ...] | None = None
+        self._record_types: dict[str, str] = {}
+        self.last_full_resync_reason = ""
+
+    def close(self) -> None:
+        """Close the HTTP connections (the requests session and the sign-in client)."""
+        self._session.close()
+        self._sign_in.close()
+
+    def __enter__(self) -> SalesforceAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- configuration ----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_fields(overrides: Mapping[str, str]) -> dict[str, str]:
+        problems = []
+        for role, name in overrides.items():
+            if role not in DEFAULT_FIELDS:
+                problems.append(
+                    ConfigProblem(
+                        "configuration", f"crm.fields.{role}", "unknown field role", ", ".join(DEFAULT_FIELDS)
+                    )
+                )
+            elif name:
+                try:
+                    soql.field_name(name)
+                except ValueError as exc:
+                    problems.append(ConfigProblem("configuration", f"crm.fields.{role}", str(exc)))
+        if problems:
+            raise ConfigError(problems)
+        return {**DEFAULT_FIELDS, **overrides}
+
+    @staticmethod
+    def _opt_in_conds(crm: SalesforceCrm) -> list[soql.Cond]:
+        conds: list[soql.Cond] = []
+        try:
+            if crm.opt_in.field:
+                conds.append(soql.eq(crm.opt_in.field, True))
+            if crm.opt_in.record_types:
+                conds.append(soql.in_("RecordTypeId", crm.opt_in.record_types, ids=True))
+            if crm.opt_in.soql_filter:
+                conds.append(soql.trusted_filter(crm.opt_in.soql_filter))
+        except ValueError as exc:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "configuration",
+                        "crm.opt_in",
+                        str(exc),
+                        "a checkbox field API name, record type ids, a SOQL condition",
+                    )
+                ]
+            ) from None
+        return conds
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def _on_response(self, response: requests.Response, *args: object, **kwargs: object) -> None:
+        path = response.request.path_url if response.request is not None else ""
+        self.calls.record(SYSTEM, _operation(path), response.status_code)
+        match = _USAGE.search(response.headers.get("Sforce-Limit-Info", ""))
+        if match:
+            self.budget.observe(int(match.group(1)), int(match.group(2)))
+        date_header = response.headers.get("Date")
+        if date_header:
+            with contextlib.suppress(TypeError, ValueError):
+                self._server_date = parsedate_to_datetime(date_header).astimezone(UTC)
+
+    def _client(self, *, refresh: bool = False) -> Salesforce:
+        if self._sf is None or refresh:
+            token = self._sign_in.current(force_refresh=refresh)
+            # Direct mode is the only way to aim simple-salesforce at a My Domain or emulator of our
+            # choosing, and it never refreshes on its own (crm-apis.md §A.7).
+            self._sf = Salesforce(
+                instance_url=token.instance_url,
+                session_id=token.access_token,
+                session=self._session,
+                version=self._crm.api_version,
+                object_pairs_hook=dict,
+            )
+        return self._sf
+
+    def _call(self, operation: str, fn: Callable[[Salesforce], T]) -> T:
+        """One logical call: budget check, one re-sign-in on an expired session, retries on transient
+        failures, errors classified by what the caller must do."""
+        self.budget.check()
+        try:
+            for attempt in self._policy.retrying():
+                with attempt:
+                    try:
+                        return self._call_signed_in(operation, fn)
+                    except RateLimited as exc:
+                        raise _NoRetry(exc) from None
+        except _NoRetry as wrapped:
+            raise wrapped.error from None
+        raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+    def _call_signed_in(self, operation: str, fn: Callable[[Salesforce], T]) -> T:
+        try:
+            return self._classified(operation, fn, self._client())
+        except SalesforceExpiredSession:
+            # Sessions end on their own schedule (timeout policy, admin revocation); prior-art.md §5
+            # class 5. Sign in again once, rebuild the client, resend.
+            log.info("salesforce session expired; signing in again", operation=operation)
+            try:
+                return self._classified(operation, fn, self._client(refresh=True))
+            except SalesforceExpiredSession:
+                raise SignInRequired(
+                    [
+                        ConfigProblem(
+                            "salesforce",
+                            "crm.auth",
+                            "a fresh session was refused at once (revoked app or user?)",
+                        )
+                    ]
+                ) from None
+
+    def _classified(self, operation: str, fn: Callable[[Salesforce], T], sf: Salesforce) -> T:
+        try:
+            return fn(sf)
+        except SalesforceExpiredSession:
+            raise
+        except SalesforceError as exc:
+            raise _classify(exc, operation) from None
+        except requests.RequestException as exc:
+            raise RetryLater(
+                f"salesforce {operation}: connection failed ({type(exc).__name__})", system=SYSTEM
+            ) from None
+
+    def _query_pages(
+        self, query: str, *, include_deleted: bool = False, operation: str = "query"
+    ) -> Iterator[dict[str, Any]]:
+        result = self._call(
+            operation, lambda sf: sf.query(query, include_deleted=include_deleted, timeout=self._timeout)
+        )
+        yield result
+        while not result.get("done", True):
+            url = str(result["nextRecordsUrl"])
+            try:
+                result = self._call(operation, partial(_query_more, url=url, timeout=self._timeout))
+            except SalesforceApiError as exc:
+                if exc.code == "INVALID_QUERY_LOCATOR":
+                    raise _LocatorExpired() from None
+                raise
+            yield result
+
+    def _query_all(self, query: str, operation: str = "query") -> list[dict[str, Any]]:
+        try:
+            return [rec for page in self._query_pages(query, operation=operation) for rec in page["records"]]
+        except _LocatorExpired:
+            raise RetryLater("Salesforce query locator expired mid-read", system=SYSTEM) from None
+        except SalesforceApiError as exc:
+            raise _read_error(exc) from None
+
+    # --- run start --------------------------------------------------------------------------------
+    def reset_run(self) -> None:
+        """Forget per-run caches (stage metadata, describe, signpost)."""
+        self._run = None
+        self._stages = None
+
+    def _start_run(self) -> _Run:
+        self.budget.begin_run()
+        self._server_date = None
+        self._call("limits", lambda sf: sf.restful("limits", timeout=self._timeout))
+        if self._server_date is None:
+            raise FatalError("Salesforce sent no Date header; cannot take the run's signpost from its clock")
+        signpost = self._server_date.replace(microsecond=0)
+        run = _Run(signpost)
+        run.opp_fields = self._describe("Opportunity")
+        run.account_fields = self._describe("Account")
+        missing = [
+            ConfigProblem(
+                "salesforce org",
+                f"crm.fields.{role}",
+                f"field Opportunity.{self.fields[role]} does not exist",
+            )
+            for role in sorted(REQUIRED_ROLES)
+            if self.fields[role] and self.fields[role] not in run.opp_fields
+        ]
+        if self._crm.opt_in.field and self._crm.opt_in.field not in run.opp_fields:
+            missing.append(
+                ConfigProblem(
+                    "salesforce org",
+                    "crm.opt_in.field",
+                    f"field Opportunity.{self._crm.opt_in.field} does not exist",
+                )
+            )
+        if missing:
+            raise ConfigError(missing)
+        self._run = run
+        return run
+
+    def _describe(self, sobject: str) -> dict[str, str]:
+        try:
+            body = self._call(
+                "describe", lambda sf: sf.restful(f"sobjects/{sobject}/describe", timeout=self._timeout)
+            )
+        except SalesforceApiError as exc:
+            raise _read_error(exc) from None
+        return {str(f["name"]): str(f["type"]) for f in (body or {}).get("fields", [])}
+
+    # --- stages -----------------------------------------------------------------------------------
+    def stages(self) -> Sequence[CrmStage]:
+        """OpportunityStage rows with the record types (by DeveloperName) whose sales process allows each."""
+        if self._stages is not None:
+            return self._stages
+        rows = self._query_all(
+            soql.Query(
+                "OpportunityStage",
+                (
+                    "ApiName",
+                    "MasterLabel",
+                    "DefaultProbability",
+                    "ForecastCategoryName",
+                    "IsActive",
+                    "IsClosed",
+                    "IsWon",
+                    "SortOrder",
+                ),
+                order_by=("SortOrder",),
+            ).render(),
+            operation="stages",
+        )
+        types = self._query_all(
+            soql.Query(
+                "RecordType",
+                ("Id", "DeveloperName"),
+                where=soql.all_of(soql.eq("SobjectType", "Opportunity"), soql.eq("IsActive", True)),
+            ).render(),
+            operation="stages",
+        )
+        allowed: dict[str, set[str]] = {}
+        self._record_types = {}
+        for rt in types:
+            rt_id, dev = soql.sf_id(rt["Id"]), str(rt["DeveloperName"])
+            self._record_types[rt_id] = dev
+            # Values per record type (API 41.0+):
+            # https://developer.salesforce.com/docs/atlas.en-us.uiapi.meta/uiapi/ui_api_resources_picklist_values.htm
+            try:
+                path = f"ui-api/object-info/Opportunity/picklist-values/{rt_id}/StageName"
+                body = self._call("stages", partial(_get_json, path=path, timeout=self._timeout))
+            except SalesforceApiError as exc:
+                raise _read_error(exc) from None
+            for value in (body or {}).get("values", []):
+                allowed.setdefault(str(value["value"]), set()).add(dev)
+        self._stages = tuple(
+            CrmStage(
+                label=str(r["ApiName"]),
+                probability=int(r["DefaultProbability"]) if r.get("DefaultProbability") is not None else None,
+                is_closed=bool(r["IsClosed"]),
+                is_won=bool(r["IsWon"]),
+                sort_order=int(r.get("SortOrder") or 0),
+                active=bool(r["IsActive"]),
+                record_types=frozenset(allowed.get(str(r["ApiName"]), ())),
+            )
+            for r in rows
+        )
+        return self._stages
+
+    # --- reading ----------------------------------------------------------------------------------
+    def changes(self, cursor: str | None) -> Iterator[ChangePage]:
+        for page in self.pull(cursor):
+            yield page.to_change_page()
+
+    def pull(self, cursor: str | None) -> Iterator[PullPage]:
+        """Pages of opted-in opportunities changed since ``cursor`` (None = full load), with deletes."""
+        prev = Cursor.decode(cursor) if cursor else None
+        run = self._start_run()
+        self.stages()  # record type names for the rows, and the stage metadata for the mapping
+        lookback = self._crm.lookback
+        full = prev is None
+        reason = "no cursor (first run)" if prev is None else ""
+        deleted: list[str] = []
+        deletes_covered = run.signpost
+        if prev is not None:
+            start = min(prev.deletes - lookback, run.signpost - timedelta(minutes=2))
+            if start < run.signpost - DELETE_WINDOW:
+                full, reason = True, "the cursor is older than getDeleted's 15-day window"
+            else:
+                try:
+                    body = self._call("deleted", lambda sf: _opportunity(sf).deleted(start, run.signpost))
+                except SalesforceApiError as exc:
+                    if exc.code != "INVALID_REPLICATION_DATE":
+                        raise _read_error(exc) from None
+                    body = {"earliestDateAvailable": _iso(run.signpost)}  # Salesforce says: too old
+                earliest = parse_sf_datetime(body["earliestDateAvailable"])
+                if earliest > start:
+                    full, reason = True, "Salesforce purged its delete log past our cursor"
+                else:
+                    deleted = [str(d["id"]) for d in body.get("deletedRecords", [])]
+                    deletes_covered = parse_sf_datetime(body["latestDateCovered"])
+        self.last_full_resync_reason = reason if full else ""
+        if full and prev is not None:
+            log.warning("salesforce full resync", reason=reason)
+        elif full:
+            log.info("salesforce full load", reason=reason)
+        base = [*self._opt_in, soql.le("SystemModstamp", run.signpost)]
+        if prev is not None and not full:
+            base.append(soql.ge("SystemModstamp", prev.ts - lookback))
+        fields = self._opp_fields(run)
+        final = Cursor(run.signpost, "", deletes_covered)
+        if full and self._count(soql.all_of(*base)) > self._crm.bulk_threshold:
+            yield from self._pull_bulk(run, base, fields, final)
+            return
+        yield from self._pull_rest(run, base, fields, prev, full, deleted, final)
+
+    def _opp_fields(self, run: _Run) -> tuple[str, ...]:
+        wanted = list(_OPP_BASE)
+        for name in (
+            "CurrencyIsoCode",
+            self.fields["notes"],
+            self.fields["campaign"],
+            self.fields["referral_id"],
+            self.fields["help_type"],
+            self.fields["solutions"],
+            self.fields["lost_reason"],
+        ):
+            if name and name in run.opp_fields:
+                wanted.append(name)
+        return tuple(dict.fromkeys(wanted))
+
+    def _count(self, where: soql.Cond) -> int:
+        query = soql.Query("Opportunity", (), where=where, count=True).render()
+        try:
+            body = self._call("count", lambda sf: sf.query(query, timeout=self._timeout))
+        except SalesforceApiError as exc:
+            raise _read_error(exc) from None
+        return int(body.get("totalSize", 0))
+
+    def _pull_rest(
+        self,
+        run: _Run,
+        base: list[soql.Cond],
+        fields: tuple[str, ...],
+        prev: Cursor | None,
+        full: bool,
+        deleted: list[str],
+        final: Cursor,
+    ) -> Iterator[PullPage]:
+        deletes_so_far = prev.deletes if prev is not None and not full else run.signpost
+        after: tuple[datetime, str] | None = None
+        seen_deleted: list[str] = []
+        while True:
+            where = list(base)
+            if after is not None:
+                # Keyset resume (locator expired). The literal is second-floored, so this reads a
+                # superset of the rows after (ts, id): never fewer.
+                ts, rid = after
+                where.append(
+                    soql.any_of(
+                        soql.gt("SystemModstamp", ts),
+                        soql.all_of(soql.eq("SystemModstamp", ts), soql.gt("Id", rid)),
+                    )
+                )
+            query = soql.Query(
+                "Opportunity", fields, where=soql.all_of(*where), order_by=("SystemModstamp", "Id")
+            ).render()
+            try:
+                # queryAll: soft-deleted opted-in rows come back with IsDeleted = true
+                for page in self._query_pages(query, include_deleted=True, operation="opportunities"):
+                    records = page["records"]
+                    live = [r for r in records if not r.get("IsDeleted")]
+                    seen_deleted.extend(str(r["Id"]) for r in records if r.get("IsDeleted"))
+                    rows, failures = self._convert(run, live)
+                    done = bool(page.get("done", True))
+                    if records:
+                        last = records[-1]
+                        after = (parse_sf_datetime(last["SystemModstamp"]), str(last["Id"]))
+                    if done:
+                        gone = tuple(dict.fromkeys([*seen_deleted, *deleted]))
+                        yield PullPage(rows, gone, failures, final.encode(), full)
+                        return
+                    assert after is not None
+                    yield PullPage(
+                        rows,
+                        tuple(dict.fromkeys(seen_deleted)),
+                        failures,
+                        Cursor(after[0], after[1], deletes_so_far).encode(),
+                        full,
+                    )
+                    seen_deleted = []
+            except _LocatorExpired:
+                log.info("salesforce query locator expired; resuming by keyset")
+                continue
+            except SalesforceApiError as exc:
+                raise _read_error(exc) from None
+
+    def _pull_bulk(
+        self, run: _Run, base: list[soql.Cond], fields: tuple[str, ...], final: Cursor
+    ) -> Iterator[PullPage]:
+        """Initial load through a Bulk API 2.0 query job (https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/queries.htm).
+
+        Bulk results are not in keyset order, so intermediate pages carry no cursor: only a finished
+        load moves the watermark (to the signpost)."""
+        query = soql.Query(
+            "Opportunity", tuple(f for f in fields if f != "IsDeleted"), where=soql.all_of(*base)
+        ).render()
+        try:
+            job = self._call(
+                "bulk2",
+                lambda sf: (
+                    sf.restful(
+                        "jobs/query",
+                        method="POST",
+                        json={"operation": "query", "query": query},
+                        timeout=self._timeout,
+                    )
+                    or {}
+                ),
+            )
+            job_id = str(job["id"])
+            waited, delay = 0.0, 0.5
+            while True:
+                info = self._call(
+                    "bulk2", lambda sf: sf.restful(f"jobs/query/{job_id}", timeout=self._timeout) or {}
+                )
+                state = str(info.get("state"))
+                if state == "JobComplete":
+                    break
+                if state in ("Failed", "Aborted"):
+                    raise RetryLater(
+                        f"Salesforce Bulk API 2.0 query job {job_id} ended {state}", system=SYSTEM
+                    )
+                if waited >= self._bulk_max_wait:
+                    raise RetryLater(
+                        f"Salesforce Bulk API 2.0 query job {job_id} still {state}", system=SYSTEM
+                    )
+                self._policy.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 30.0)
+            locator = ""
+            while True:
+                text, locator = self._call(
+                    "bulk2", partial(self._bulk_results, job_id=job_id, locator=locator)
+                )
+                records = [_typed(row, run.opp_fields) for row in csv.DictReader(io.StringIO(text))]
+                rows, failures = self._convert(run, records)
+                if not locator:
+                    yield PullPage(rows, (), failures, final.encode(), True)
+                    return
+                yield PullPage(rows, (), failures, None, True)
+        except SalesforceApiError as exc:
+            raise _read_error(exc) from None
+
+    def _bulk_results(self, sf: Salesforce, *, job_id: str, locator: str) -> tuple[str, str]:
+        params: dict[str, str | int] = {"maxRecords": self._bulk_page_size}
+        if locator:
+            params["locator"] = locator
+        response = sf.session.get(
+            f"{sf.base_url}jobs/query/{job_id}/results",
+            headers={**sf.headers, "Accept": "text/csv"},
+            params=params,
+            timeout=self._timeout,
+        )
+        if response.status_code >= 300:
+            exception_handler(response, "bulk2-results")
+        nxt = response.headers.get("Sforce-Locator", "")
+        return response.content.decode("utf-8").replace("\x00", ""), "" if nxt in ("", "null") else nxt
+
+    def get(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
+        """Opportunities by id with related data, in bulk (IN queries)."""
+        run = self._run or self._start_run()
+        ids = [soql.sf_id(i) for i in crm_ids]
+        fields = self._opp_fields(run)
+        records: list[dict[str, Any]] = []
+        for query in soql.chunk_in_values(
+            ids,
+            lambda chunk: soql.Query("Opportunity", fields, where=soql.in_("Id", chunk, ids=True)).render(),
+        ):
+            records.extend(self._query_all(query, operation="opportunities"))
+        rows, _failures = self._convert(run, records)
+        return [r.deal for r in rows]
+
+    # --- related data and conversion --------------------------------------------------------------
+    def _in_query(
+        self,
+        sobject: str,
+        fields: Sequence[str],
+        key: str,
+        ids: Iterable[str],
+        extra: soql.Cond | None = None,
+    ) -> list[dict[str, Any]]:
+        unique = sorted({soql.sf_id(i) for i in ids if i})
+        out: list[dict[str, Any]] = []
+        if not unique:
+            return out
+
+        def build(chunk: Sequence[str]) -> str:
+            return soql.Query(
+                sobject, tuple(fields), where=soql.all_of(soql.in_(key, chunk, ids=True), extra)
+            ).render()
+
+        for query in soql.chunk_in_values(unique, build):
+            out.extend(self._query_all(query, operation=f"related:{sobject}"))
+        return out
+
+    def _related(self, run: _Run, records: Sequence[Mapping[str, Any]]) -> _Related:
+        rel = _Related()
+        opp_ids = [str(r["Id"]) for r in records]
+        if not opp_ids:
+            return rel
+        account_fields = list(_ACCOUNT)
+        for name in ("BillingCountryCode", self.fields["account_duns"]):
+            if name and name in run.account_fields:
+                account_fields.append(name)
+        rel.accounts = {
+            a["Id"]: a
+            for a in self._in_query(
+                "Account", account_fields, "Id", (str(r.get("AccountId") or "") for r in records)
+            )
+        }
+        roles = self._in_query(
+            "OpportunityContactRole",
+            ("Id", "OpportunityId", "ContactId", "Role", "IsPrimary"),
+            "OpportunityId",
+            opp_ids,
+        )
+        # OpportunityContactRole may name contacts the user cannot read: re-query Contact (crm-apis.md §A.1).
+        contacts = {
+            c["Id"]: c
+            for c in self._in_query("Contact", _PERSON, "Id", (str(r.get("ContactId") or "") for r in roles))
+        }
+        chosen: dict[str, tuple[bool, dict[str, Any]]] = {}
+        for role in roles:
+            contact = contacts.get(str(role.get("ContactId") or ""))
+            if contact is None:
+                continue
+            opp, primary = str(role["OpportunityId"]), bool(role.get("IsPrimary"))
+            if opp not in chosen or (primary and not chosen[opp][0]):
+                chosen[opp] = (primary, contact)
+        rel.contact_of = {k: v[1] for k, v in chosen.items()}
+        members = self._in_query(
+            "OpportunityTeamMember",
+            ("Id", "OpportunityId", "UserId", "TeamMemberRole"),
+            "OpportunityId",
+            opp_ids,
+        )
+        user_ids = [str(r.get("OwnerId") or "") for r in records] + [
+            str(m.get("UserId") or "") for m in members
+        ]
+        rel.users = {u["Id"]: u for u in self._in_query("User", _PERSON, "Id", user_ids)}
+        for m in members:
+            user = rel.users.get(str(m.get("UserId") or ""))
+            if user is not None:
+                rel.team_of.setdefault(str(m["OpportunityId"]), []).append(user)
+        if not self.fields["solutions"]:
+            for item in self._in_query(
+                "OpportunityLineItem", ("Id", "OpportunityId", "ProductCode"), "OpportunityId", opp_ids
+            ):
+                if item.get("ProductCode"):
+                    rel.codes_of.setdefault(str(item["OpportunityId"]), []).append(str(item["ProductCode"]))
+        return rel
+
+    def _convert(
+        self, run: _Run, records: Sequence[Mapping[str, Any]]
+    ) -> tuple[tuple[OpportunityRow, ...], tuple[RecordFailure, ...]]:
+        rel = self._related(run, records)
+        rows: list[OpportunityRow] = []
+        failures: list[RecordFailure] = []
+        for rec in records:
+            rid = str(rec.get("Id") or "")
+            try:
+                rows.append(self._row(rec, rel))
+            except RecordError as exc:
+                failures.append(RecordFailure(rid, exc.cause or "invalid", str(exc)))
+            except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
+                failures.append(RecordFailure(rid, "invalid-record", f"{type(exc).__name__}: {exc}"))
+        return tuple(rows), tuple(failures)
+
+    def _row(self, rec: Mapping[str, Any], rel: _Related) -> OpportunityRow:
+        rid = soql.sf_id(rec["Id"])
+        stage_name = str(rec.get("StageName") or "")
+        probability = int(Decimal(str(rec["Probability"]))) if rec.get("Probability") is not None else None
+        record_type = self._record_types.get(str(rec.get("RecordTypeId") or ""))
+        closed, won = bool(rec.get("IsClosed")), bool(rec.get("IsWon"))
+        status, substatus = (
+            (Status.CLOSED, Substatus.WON if won else Substatus.LOST)
+            if closed
+            else (Status.ACTIVE, Substatus.ACCEPTED)
+        )
+        sales_stage = None
+        if self._mapping is not None:
+            target = self._mapping.resolve(stage_name, probability, record_type).target
+            sales_stage = StandardStage.WON if target.outcome is Outcome.WON else target.stage
+        amount = rec.get("Amount")
+        currency = str(rec.get("CurrencyIsoCode") or self._default_currency)
+        help_value = rec.get(self.fields["help_type"]) if self.fields["help_type"] else None
+        help_type = HelpType(help_value) if help_value in {h.value for h in HelpType} else None
+        close = rec.get("CloseDate")
+        stamp = parse_sf_datetime(rec["SystemModstamp"])
+        modified = parse_sf_datetime(rec["LastModifiedDate"])
+        deal = Deal(
+            name=str(rec.get("Name") or ""),
+            direction=Direction.OUTBOUND,
+            # Asking Microsoft for help makes it co-sell (cosell-domain.md "Deal types").
+            deal_type=DealType.CO_SELL if help_type is not None else self._default_deal_type,
+            status=status,
+            substatus=substatus,
+            referral_id=(
+                str(rec[self.fields["referral_id"]]) if rec.get(self.fields["referral_id"]) else None
+            ),
+            crm_id=rid,
+            sales_stage=sales_stage,
+            customer=self._customer(rel.accounts.get(str(rec.get("AccountId") or ""))),
+            customer_contact=_person(rel.contact_of.get(rid)),
+            value=Money(Decimal(str(amount)), currency) if amount is not None else None,
+            close_date=date.fromisoformat(str(close)) if close else None,
+            notes=str(rec.get(self.fields["notes"]) or "") if self.fields["notes"] else "",
+            campaign_id=_text_or_none(rec.get(self.fields["campaign"])) if self.fields["campaign"] else None,
+            team=self._team(rec, rel),
+            solutions=self._solutions_of(rid, rec, rel),
+            help_requested=help_type,
+            share_with_microsoft=help_type is not None,
+            created_at=parse_sf_datetime(rec["CreatedDate"]) if rec.get("CreatedDate") else None,
+            updated_at=stamp,
+            version=VersionTag(SYSTEM, _iso(modified)),
+            crm_stage=CrmStageInfo(
+                label=stage_name,
+                probability=probability,
+                record_type=record_type,
+                modified=modified,
+                lost_reason=_text_or_none(rec.get(self.fields["lost_reason"]))
+                if self.fields["lost_reason"]
+                else None,
+            ),
+        )
+        return OpportunityRow(deal, stage_name, probability, record_type, stamp, modified)
+
+    def _customer(self, account: Mapping[str, Any] | None) -> Customer | None:
+        if account is None:
+            return None
+        raw_country = account.get("BillingCountryCode") or account.get("BillingCountry")
+        code = country_code(str(raw_country or ""))
+        if code is None:
+            # Partner Center needs an ISO-2 country; guessing would file the deal in the wrong market.
+            raise RecordError(
+                "the account's billing country is missing or not recognised", cause="country-unmapped"
+            )
+        duns_raw = account.get(self.fields["account_duns"]) if self.fields["account_duns"] else None
+        duns = re.sub(r"\D", "", str(duns_raw or "")) or None
+        return Customer(
+            name=str(account.get("Name") or ""),
+            address=Address(
+                country=code,
+                line1=str(account.get("BillingStreet") or ""),
+                city=str(account.get("BillingCity") or ""),
+                state=str(account.get("BillingState") or ""),
+                postal_code=str(account.get("BillingPostalCode") or ""),
+            ),
+            duns=duns if duns and len(duns) == 9 else None,
+        )
+
+    def _team(self, rec: Mapping[str, Any], rel: _Related) -> tuple[Contact, ...]:
+        people = [rel.users.get(str(rec.get("OwnerId") or "")), *rel.team_of.get(str(rec["Id"]), [])]
+        seen: dict[str, Contact] = {}
+        for user in people:
+            contact = _person(user)
+            if contact is not None and contact.key not in seen:
+                seen[contact.key] = contact
+        return tuple(seen.values())
+
+    def _solutions_of(self, rid: str, rec: Mapping[str, Any], rel: _Related) -> tuple[Solution, ...]:
+        if self.fields["solutions"]:
+            codes = [c.strip() for c in str(rec.get(self.fields["solutions"]) or "").split(";") if c.strip()]
+        else:
+            codes = rel.codes_of.get(rid, [])
+        out: dict[str, Solution] = {}
+        for code in codes:
+            solution = self._solutions.get(code) or Solution(SolutionKind.OWN, code)
+            out.setdefault(solution.id, solution)
+        return tuple(out.values())
+
+    # --- writing ----------------------------------------------------------------------------------
+    def sync_write(
+        self,
+        crm_id: str | None,
+        *,
+        referral_id: str | None = None,
+        referral_link: str | None = None,
+        status: str | None = None,
+        synced_at: datetime | None = None,
+        audit: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        based_on: str | None = None,
+        idempotency_key: str = "",
+    ) -> CrmWrite:
+        """A write of the connector's own fields (referral id/link, sync status, last sync, audit line)."""
+        values: dict[str, object] = dict(extra or {})
+        for role, value in (
+            ("referral_id", referral_id),
+            ("referral_link", referral_link),
+            ("sync_status", status),
+            ("last_sync", synced_at),
+            ("audit", audit[:AUDIT_MAX] if audit is not None else None),
+        ):
+            if value is not None and self.fields[role]:
+                values[self.fields[role]] = value
+        return CrmWrite(
+            soql.sf_id(crm_id) if crm_id is not None else None,
+            values,
+            based_on=based_on,
+            idempotency_key=idempotency_key,
+        )
+
+    def apply(self, changes: Sequence[CrmChange]) -> Sequence[WriteResult]:
+        """Canonical changes -> Opportunity field writes (configurable API names), one batch.
+
+        Team changes need OpportunityTeamMember rows (and users looked up by email): not written yet;
+        they are named in ``WriteResult.extra["skipped"]`` so nothing is dropped silently.
+        """
+        writes: list[CrmWrite] = []
+        skipped: list[list[str]] = []
+        for change in changes:
+            values: dict[str, object] = {}
+            left_out: list[str] = []
+            for name, value in change.fields.items():
+                target = self._canonical_field(name)
+                if target is None:
+                    left_out.append(name)
+                elif name == "solutions":
+                    values[target] = ";".join(
+                        str(v.get("id") if isinstance(v, Mapping) else v) for v in value or []
+                    )
+                elif name == "close_date" and isinstance(value, str):
+                    values[target] = date.fromisoformat(value)
+                else:
+                    values[target] = value
+            if change.stage is not None:
+                values["StageName"] = change.stage
+            write = self.sync_write(
+                change.crm_id,
+                referral_id=change.referral_id,
+                referral_link=change.referral_link,
+                status=change.sync_status[:AUDIT_MAX] if change.sync_status is not None else None,
+                synced_at=change.synced_at,
+                audit=change.audit_line,
+                extra=values,
+                based_on=change.based_on,
+                idempotency_key=change.key,
+            )
+            writes.append(write)
+            skipped.append(left_out)
+        results = self.write(writes)
+        return [
+            replace(r, extra={**r.extra, "skipped": left_out}) if left_out else r
+            for r, left_out in zip(results, skipped, strict=True)
+        ]
+
+    def _canonical_field(self, name: str) -> str | None:
+        run_fields = self._run.opp_fields if self._run is not None else {}
+        mapping = {
+            "name": "Name",
+            "value": "Amount",
+            "close_date": "CloseDate",
+            "notes": self.fields["notes"],
+            "campaign_id": self.fields["campaign"],
+            "solutions": self.fields["solutions"],
+            # only multi-currency orgs have the field (crm-apis.md §A.1); the adapter saw it in describe
+            "currency": "CurrencyIsoCode" if "CurrencyIsoCode" in run_fields else "",
+        }
+        return mapping.get(name) or None
+
+    def write(self, writes: Sequence[CrmWrite]) -> Sequence[WriteResult]:
+        results: list[WriteResult | None] = [None] * len(writes)
+        updates: list[tuple[int, dict[str, Any]]] = []
+        creates: list[tuple[int, dict[str, Any]]] = []
+        conditional: list[tuple[int, dict[str, Any]]] = []
+        for i, w in enumerate(writes):
+            key = _key(w, i)
+            try:
+                body = _body(w)
+            except ValueError as exc:
+                results[i] = WriteResult(key, False, w.crm_id, "INVALID_VALUE", str(exc))
+                continue
+            if w.crm_id is None:
+                creates.append((i, body))
+            elif w.based_on:
+                conditional.append((i, body))
+            else:
+                updates.append((i, body))
+        for method, items in (("PATCH", updates), ("POST", creates)):
+            for start in range(0, len(items), COLLECTION_MAX):
+                self._collection(method, items[start : start + COLLECTION_MAX], writes, results)
+        for i, body in conditional:
+            results[i] = self._conditional(writes[i], body, _key(writes[i], i))
+        return [r for r in results if r is not None]
+
+    def _collection(
+        self,
+        method: str,
+        items: list[tuple[int, dict[str, Any]]],
+        writes: Sequence[CrmWrite],
+        results: list[WriteResult | None],
+    ) -> None:
+        pending = items
+        for attempt in range(self._policy.max_attempts):
+            records = [body for _i, body in pending]
+            try:
+                answer = self._call(
+                    "composite",
+                    partial(_collection_call, method=method, records=records, timeout=self._timeout),
+                )
+            except SalesforceApiError as exc:
+                # The whole request was refused (malformed): every record in it carries the cause.
+                for i, _body in pending:
+                    results[i] = WriteResult(
+                        _key(writes[i], i), False, writes[i].crm_id, exc.code, exc.message
+                    )
+                return
+            retry: list[tuple[int, dict[str, Any]]] = []
+            # Results come back in request order; a 200 does not mean every record was saved.
+            for (i, body), res in zip(pending, answer or [], strict=True):
+                key = _key(writes[i], i)
+                if res.get("success"):
+                    results[i] = WriteResult(key, True, str(res.get("id") or writes[i].crm_id or ""))
+                    continue
+                errors = res.get("errors") or [{}]
+                code = str(errors[0].get("statusCode") or errors[0].get("errorCode") or "UNKNOWN")
+                message = str(errors[0].get("message") or "")
+                if code == "UNABLE_TO_LOCK_ROW" and attempt + 1 < self._policy.max_attempts:
+                    retry.append((i, body))
+                    continue
+                results[i] = WriteResult(
+                    key,
+                    False,
+                    writes[i].crm_id,
+                    code,
+                    message,
+                    extra={
+                        "fields": list(errors[0].get("fields") or []),
+                        "retryable": code == "UNABLE_TO_LOCK_ROW",
+                    },
+                )
+            if not retry:
+                return
+            # Row locks are transient (another transaction holds the record): back off, resend those only.
+            self._policy.sleep(min(self._policy.max_wait, self._policy.initial_wait * 2**attempt))
+            pending = retry
+
+    def _conditional(self, write: CrmWrite, body: dict[str, Any], key: str) -> WriteResult:
+        assert write.crm_id is not None and write.based_on is not None
+        crm_id = write.crm_id
+        try:
+            since = format_datetime(parse_sf_datetime(write.based_on), usegmt=True)
+        except ValueError:
+            return WriteResult(key, False, crm_id, "INVALID_VALUE", "based_on is not a Salesforce datetime")
+        fields = {k: v for k, v in body.items() if k not in ("attributes", "id")}
+        try:
+            # If-Unmodified-Since compares LastModifiedDate to the second; Opportunity has no ETag
+            # (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_rest_conditional_requests.htm).
+            self._call(
+                "sobject-update",
+                lambda sf: _opportunity(sf).update(crm_id, fields, headers={"If-Unmodified-Since": since}),
+            )
+        except ConflictError as exc:
+            return WriteResult(key, False, crm_id, "PRECONDITION_FAILED", str(exc), conflict=True)
+        except SalesforceApiError as exc:
+            return WriteResult(key, False, crm_id, exc.code, exc.message)
+        return WriteResult(key, True, crm_id)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _collection_call(sf: Salesforce, *, method: str, records: list[dict[str, Any]], timeout: float) -> Any:
+    # allOrNone=false: one bad record must not sink the other 199 (collections doc above).
+    body = {"allOrNone": False, "records": records}
+    return sf.restful("composite/sobjects", method=method, json=body, timeout=timeout)
+
+
+def _get_json(sf: Salesforce, *, path: str, timeout: float) -> Any:
+    return sf.restful(path, timeout=timeout)
+
+
+def _query_more(sf: Salesforce, *, url: str, timeout: float) -> Any:
+    return sf.query_more(url, identifier_is_url=True, timeout=timeout)
+
+
+def _opportunity(sf: Salesforce) -> SFType:
+    return cast("SFType", sf.Opportunity)
+
+
+def _operation(path: str) -> str:
+    p = path.split("?", 1)[0].rstrip("/")
+    for marker, name in (
+        ("/oauth2/token", "oauth-token"),
+        ("/queryAll/", "query-more"),
+        ("/query/", "query-more"),
+        ("/queryAll", "query"),
+        ("/query", "query"),
+        ("/jobs/query", "bulk2"),
+        ("/composite/sobjects", "composite"),
+        ("/deleted", "get-deleted"),
+        ("/updated", "get-updated"),
+        ("/describe", "describe"),
+        ("/ui-api/", "ui-api"),
+        ("/limits", "limits"),
+        ("/sobjects/", "sobject"),
+    ):
+        if marker in p:
+            return name
+    return "other"
+
+
+def _classify(exc: SalesforceError, operation: str) -> CosellError:
+    status = int(getattr(exc, "status", 0) or 0)
+    content = getattr(exc, "content", None)
+    first = content[0] if isinstance(content, list) and content and isinstance(content[0], dict) else {}
+    code = str(first.get("errorCode") or "")
+    message = str(first.get("message") or "")[:500]
+    if status == 403 and code == "REQUEST_LIMIT_EXCEEDED":
+        # Allocation (rolling 24 h) or concurrency limit: stop and resume later (crm-apis.md §A.5).
+        return RateLimited(
+            f"Salesforce refused {operation}: REQUEST_LIMIT_EXCEEDED", system=SYSTEM, retry_after=3600.0
+        )
+    if status == 412:
+        return ConflictError(f"Salesforce {operation}: the record changed since it was read")
+    if status == 429:
+        return RateLimited(f"Salesforce throttled {operation}", system=SYSTEM)
+    if status >= 500:
+        return RetryLater(f"Salesforce {operation}: HTTP {status}", system=SYSTEM)
+    if status == 403:
+        return FatalError(
+            f"Salesforce refused {operation} (403 {code}): check the integration user's permissions"
+        )
+    if status == 414:
+        return FatalError(f"Salesforce {operation}: URI too long (a query was not chunked)")
+    return SalesforceApiError(status, code or f"HTTP_{status}", message, tuple(first.get("fields") or ()))
+
+
+def _read_error(exc: SalesforceApiError) -> CosellError:
+    if exc.code in ("INVALID_FIELD", "INVALID_TYPE", "INSUFFICIENT_ACCESS"):
+        return ConfigError([ConfigProblem("salesforce org", "crm.fields", f"{exc.code}: {exc.message}")])
+    return FatalError(f"Salesforce refused a read: {exc.code}: {exc.message}")
+
+
+def _person(row: Mapping[str, Any] | None) -> Contact | None:
+    if row is None:
+        return None
+    return Contact(
+        first_name=str(row.get("FirstName") or ""),
+        last_name=str(row.get("LastName") or ""),
+        email=str(row.get("Email") or ""),
+        phone=str(row.get("Phone") or ""),
+        title=str(row.get("Title") or ""),
+    )
+
+
+def _text_or_none(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _key(write: CrmWrite, index: int) -> str:
+    return write.idempotency_key or write.crm_id or f"new-{index}"
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ValueError("naive datetimes are refused: give a timezone-aware value")
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("a number must be finite")
+        return float(value)
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise ValueError(f"cannot send a {type(value).__name__} to Salesforce")
+
+
+def _body(write: CrmWrite) -> dict[str, Any]:
+    body: dict[str, Any] = {"attributes": {"type": "Opportunity"}}
+    if write.crm_id is not None:
+        body["id"] = soql.sf_id(write.crm_id)
+    for name, value in write.values.items():
+        if name.lower() in ("id", "attributes"):
+            raise ValueError(f"{name} cannot be written")
+        soql.field_name(name)
+        body[name] = _json_value(value)
+    return body
+
+
+def _typed(row: Mapping[str, str], types: Mapping[str, str]) -> dict[str, Any]:
+    """A Bulk CSV row with REST-like types (empty -> None, booleans, numbers; datetimes stay text)."""
+    out: dict[str, Any] = {}
+    for name, text in row.items():
+        kind = types.get(name, "string")
+        if text == "":
+            out[name] = None
+        elif kind == "boolean":
+            out[name] = text.lower() == "true"
+        elif kind in ("double", "currency", "percent", "int"):
+            out[name] = float(text)
+        else:
+            out[name] = text
+    return out
+
+
+def _conforms(adapter: SalesforceAdapter) -> CrmAdapter:
+    return adapter  # mypy proves SalesforceAdapter satisfies the engine's seam

@@ -1,0 +1,399 @@
+"""The SOQL subset the Salesforce twin understands, parsed as strictly as Salesforce would.
+
+Grammar (case-insensitive keywords)::
+
+    query   := SELECT (COUNT() | field {, field}) FROM object [WHERE cond]
+               [ORDER BY field [ASC|DESC] [NULLS FIRST|LAST] {, ...}] [LIMIT int]
+    cond    := and {OR and}          -- AND and OR may not be mixed at one level without parentheses
+    and     := unary {AND unary}
+    unary   := NOT unary | '(' cond ')' | field op value | field [NOT] IN '(' value {, value} ')'
+    op      := = | != | <> | < | <= | > | >=
+    value   := 'string' | number | true | false | null | 2024-05-01 | 2024-05-01T12:00:00Z / +hh:mm
+
+Anything else — unknown escapes, stray characters, ``;``, comments, sub-queries, functions — is a
+``MALFORMED_QUERY``; unknown objects are ``INVALID_TYPE`` and unknown fields ``INVALID_FIELD``, and a
+literal of the wrong type for its field is refused as Salesforce does ("value of filter criterion
+for field ... must be of type dateTime and should not be enclosed in quotes").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["FieldDef", "ParsedQuery", "SoqlError", "parse"]
+
+Row = Mapping[str, Any]
+Pred = Callable[[Row], bool]
+
+
+class SoqlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldDef:
+    name: str
+    type: str  # id string textarea picklist multipicklist boolean datetime date double currency percent int reference email phone url
+    picklist: tuple[str, ...] = ()
+    restricted: bool = False
+    required: bool = False  # on create
+    createable: bool = True
+    updateable: bool = True
+    length: int = 255
+
+
+_NUMERIC = frozenset({"double", "currency", "percent", "int"})
+_TEXTUAL = frozenset(
+    {"id", "string", "textarea", "picklist", "multipicklist", "reference", "email", "phone", "url"}
+)
+_KEYWORDS = frozenset(
+    "SELECT FROM WHERE AND OR NOT IN ORDER BY ASC DESC NULLS FIRST LAST LIMIT TRUE FALSE NULL".split()
+)
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:\d{2}))
+  | (?P<date>\d{4}-\d{2}-\d{2}(?![\dT:]))
+  | (?P<number>-?\d+(?:\.\d+)?(?![\w.]))
+  | (?P<ident>[A-Za-z][A-Za-z0-9_]*)
+  | (?P<op><=|>=|!=|<>|=|<|>)
+  | (?P<punct>[(),])
+  | (?P<quote>')
+    """,
+    re.VERBOSE,
+)
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", '"': '"', "'": "'", "\\": "\\"}
+
+
+@dataclass(frozen=True)
+class Tok:
+    kind: str
+    value: Any
+    pos: int
+
+
+def _tokens(text: str) -> list[Tok]:
+    out: list[Tok] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        if text[i] == "'":
+            buf: list[str] = []
+            j = i + 1
+            while True:
+                if j >= n:
+                    raise SoqlError("MALFORMED_QUERY", f"unterminated string literal at position {i}")
+                ch = text[j]
+                if ch == "\\":
+                    if j + 1 >= n:
+                        raise SoqlError("MALFORMED_QUERY", "dangling backslash")
+                    nxt = text[j + 1]
+                    if nxt in _ESCAPES:
+                        buf.append(_ESCAPES[nxt])
+                        j += 2
+                        continue
+                    if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[j + 2 : j + 6]):
+                        buf.append(chr(int(text[j + 2 : j + 6], 16)))
+                        j += 6
+                        continue
+                    raise SoqlError("MALFORMED_QUERY", f"invalid escape sequence \\{nxt} at position {j}")
+                if ch == "'":
+                    break
+                buf.append(ch)
+                j += 1
+            out.append(Tok("string", "".join(buf), i))
+            i = j + 1
+            continue
+        m = _TOKEN.match(text, i)
+        if m is None or m.lastgroup == "quote":
+            raise SoqlError("MALFORMED_QUERY", f"unexpected token at position {i}: {text[i : i + 10]!r}")
+        kind = m.lastgroup
+        assert kind is not None
+        value = m.group()
+        if kind == "datetime":
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            out.append(Tok("datetime", parsed.astimezone(UTC), i))
+        elif kind == "date":
+            out.append(Tok("date", date.fromisoformat(value), i))
+        elif kind == "number":
+            out.append(Tok("number", Decimal(value), i))
+        elif kind == "ident":
+            up = value.upper()
+            out.append(Tok("kw" if up in _KEYWORDS else "ident", up if up in _KEYWORDS else value, i))
+        elif kind != "ws":
+            out.append(Tok(kind, value, i))
+        i = m.end()
+    return out
+
+
+@dataclass
+class ParsedQuery:
+    sobject: str
+    fields: list[str] | None  # None = COUNT()
+    where: Pred | None
+    order: list[tuple[str, bool, bool]] = field(default_factory=list)  # (field, ascending, nulls_first)
+    limit: int | None = None
+
+
+class _Parser:
+    def __init__(self, text: str, schema: Mapping[str, Mapping[str, FieldDef]]) -> None:
+        self.toks = _tokens(text)
+        self.i = 0
+        self.schema = schema
+        self.fields: Mapping[str, FieldDef] = {}
+        self.sobject = ""
+
+    # --- token helpers ---------------------------------------------------------------------------
+    def peek(self) -> Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self) -> Tok:
+        tok = self.peek()
+        if tok is None:
+            raise SoqlError("MALFORMED_QUERY", "unexpected end of query")
+        self.i += 1
+        return tok
+
+    def is_kw(self, *words: str) -> bool:
+        tok = self.peek()
+        return tok is not None and tok.kind == "kw" and tok.value in words
+
+    def expect_kw(self, word: str) -> None:
+        tok = self.take()
+        if tok.kind != "kw" or tok.value != word:
+            raise SoqlError("MALFORMED_QUERY", f"expected {word} at position {tok.pos}")
+
+    def expect_punct(self, p: str) -> None:
+        tok = self.take()
+        if tok.kind != "punct" or tok.value != p:
+            raise SoqlError("MALFORMED_QUERY", f"expected '{p}' at position {tok.pos}")
+
+    def field(self, tok: Tok) -> FieldDef:
+        if tok.kind != "ident":
+            raise SoqlError("MALFORMED_QUERY", f"expected a field name at position {tok.pos}")
+        fd = self.fields.get(tok.value.lower())
+        if fd is None:
+            raise SoqlError("INVALID_FIELD", f"No such column '{tok.value}' on entity '{self.sobject}'.")
+        return fd
+
+    # --- grammar ---------------------------------------------------------------------------------
+    def parse(self) -> ParsedQuery:
+        self.expect_kw("SELECT")
+        raw_fields: list[Tok] = []
+        count = False
+        first = self.take()
+        if first.kind == "ident" and first.value.upper() == "COUNT":
+            self.expect_punct("(")
+            self.expect_punct(")")
+            count = True
+        else:
+            raw_fields.append(first)
+            while self.peek() is not None and self.peek().kind == "punct" and self.peek().value == ",":  # type: ignore[union-attr]
+                self.take()
+                raw_fields.append(self.take())
+        self.expect_kw("FROM")
+        obj = self.take()
+        if obj.kind != "ident":
+            raise SoqlError("MALFORMED_QUERY", f"expected an object name at position {obj.pos}")
+        match = {k.lower(): k for k in self.schema}.get(obj.value.lower())
+        if match is None:
+            raise SoqlError("INVALID_TYPE", f"sObject type '{obj.value}' is not supported.")
+        self.sobject = match
+        self.fields = {k.lower(): v for k, v in self.schema[match].items()}
+        fields = None if count else [self.field(t).name for t in raw_fields]
+        where = None
+        if self.is_kw("WHERE"):
+            self.take()
+            where = self.cond()
+        order: list[tuple[str, bool, bool]] = []
+        if self.is_kw("ORDER"):
+            if count:
+                raise SoqlError("MALFORMED_QUERY", "ORDER BY is not allowed with COUNT()")
+            self.take()
+            self.expect_kw("BY")
+            while True:
+                fd = self.field(self.take())
+                asc = True
+                if self.is_kw("ASC", "DESC"):
+                    asc = self.take().value == "ASC"
+                nulls_first = asc
+                if self.is_kw("NULLS"):
+                    self.take()
+                    tok = self.take()
+                    if tok.kind != "kw" or tok.value not in ("FIRST", "LAST"):
+                        raise SoqlError("MALFORMED_QUERY", "expected FIRST or LAST after NULLS")
+                    nulls_first = tok.value == "FIRST"
+                order.append((fd.name, asc, nulls_first))
+                nxt = self.peek()
+                if nxt is not None and nxt.kind == "punct" and nxt.value == ",":
+                    self.take()
+                    continue
+                break
+        limit = None
+        if self.is_kw("LIMIT"):
+            self.take()
+            tok = self.take()
+            if tok.kind != "number" or tok.value != tok.value.to_integral_value() or tok.value < 0:
+                raise SoqlError("MALFORMED_QUERY", "LIMIT needs a non-negative integer")
+            limit = int(tok.value)
+        rest = self.peek()
+        if rest is not None:
+            raise SoqlError("MALFORMED_QUERY", f"unexpected token at position {rest.pos}: {rest.value!r}")
+        return ParsedQuery(match, fields, where, order, limit)
+
+    def cond(self) -> Pred:
+        first = self.conj()
+        if not self.is_kw("OR"):
+            return first
+        parts = [first]
+        while self.is_kw("OR"):
+            self.take()
+            parts.append(self.conj())
+        if self.is_kw("AND"):
+            raise SoqlError("MALFORMED_QUERY", "AND and OR need parentheses when mixed")
+        return lambda row: any(p(row) for p in parts)
+
+    def conj(self) -> Pred:
+        first = self.unary()
+        if not self.is_kw("AND"):
+            return first
+        parts = [first]
+        while self.is_kw("AND"):
+            self.take()
+            parts.append(self.unary())
+        if self.is_kw("OR"):
+            raise SoqlError("MALFORMED_QUERY", "AND and OR need parentheses when mixed")
+        return lambda row: all(p(row) for p in parts)
+
+    def unary(self) -> Pred:
+        if self.is_kw("NOT"):
+            self.take()
+            inner = self.unary()
+            return lambda row: not inner(row)
+        tok = self.peek()
+        if tok is not None and tok.kind == "punct" and tok.value == "(":
+            self.take()
+            inner = self.cond()
+            self.expect_punct(")")
+            return inner
+        fd = self.field(self.take())
+        negate = False
+        if self.is_kw("NOT"):
+            self.take()
+            negate = True
+            if not self.is_kw("IN"):
+                raise SoqlError("MALFORMED_QUERY", "expected IN after NOT")
+        if self.is_kw("IN"):
+            self.take()
+            self.expect_punct("(")
+            values = [self.value(fd)]
+            while True:
+                tok = self.take()
+                if tok.kind == "punct" and tok.value == ")":
+                    break
+                if tok.kind != "punct" or tok.value != ",":
+                    raise SoqlError("MALFORMED_QUERY", f"expected ',' or ')' at position {tok.pos}")
+                values.append(self.value(fd))
+            keys = {_key(fd, v) for v in values}
+            name = fd.name
+            if negate:
+                return lambda row: _key(fd, row.get(name)) not in keys
+            return lambda row: _key(fd, row.get(name)) in keys
+        op = self.take()
+        if op.kind != "op":
+            raise SoqlError("MALFORMED_QUERY", f"expected an operator at position {op.pos}")
+        value = self.value(fd)
+        return _compare(fd, op.value, value)
+
+    def value(self, fd: FieldDef) -> Any:
+        tok = self.take()
+        if tok.kind == "kw" and tok.value == "NULL":
+            return None
+        expected = _literal_kind(fd)
+        actual = {"string": "string", "number": "number", "date": "date", "datetime": "datetime"}.get(
+            tok.kind
+        )
+        if tok.kind == "kw" and tok.value in ("TRUE", "FALSE"):
+            actual = "boolean"
+        if actual is None:
+            raise SoqlError("MALFORMED_QUERY", f"expected a value at position {tok.pos}")
+        if actual != expected:
+            raise SoqlError(
+                "MALFORMED_QUERY",
+                f"value of filter criterion for field '{fd.name}' must be of type {expected}"
+                + (" and should not be enclosed in quotes" if actual == "string" else ""),
+            )
+        if actual == "boolean":
+            return tok.value == "TRUE"
+        return tok.value
+
+
+def _literal_kind(fd: FieldDef) -> str:
+    if fd.type == "boolean":
+        return "boolean"
+    if fd.type == "datetime":
+        return "datetime"
+    if fd.type == "date":
+        return "date"
+    if fd.type in _NUMERIC:
+        return "number"
+    return "string"
+
+
+def _key(fd: FieldDef, value: Any) -> Any:
+    """Comparison key: text compares case-insensitively in SOQL, ids exactly (18-char ids are unique
+    case-insensitively anyway), numbers as Decimal."""
+    if value is None:
+        return None
+    if fd.type == "id" or fd.type == "reference":
+        return value
+    if fd.type in _TEXTUAL and isinstance(value, str):
+        return value.casefold()
+    if fd.type in _NUMERIC:
+        return Decimal(str(value))
+    return value
+
+
+def _compare(fd: FieldDef, op: str, value: Any) -> Pred:
+    name = fd.name
+    target = _key(fd, value)
+    if op in ("=",):
+        return lambda row: _key(fd, row.get(name)) == target
+    if op in ("!=", "<>"):
+        return lambda row: _key(fd, row.get(name)) != target
+    if target is None:
+        raise SoqlError("MALFORMED_QUERY", f"null can only be compared with = or != ('{name}')")
+    if fd.type == "boolean":
+        raise SoqlError("MALFORMED_QUERY", f"boolean field '{name}' cannot be compared with {op}")
+
+    def check(row: Row) -> bool:
+        have = _key(fd, row.get(name))
+        if have is None:
+            return False
+        if op == "<":
+            return bool(have < target)
+        if op == "<=":
+            return bool(have <= target)
+        if op == ">":
+            return bool(have > target)
+        return bool(have >= target)
+
+    return check
+
+
+def parse(text: str, schema: Mapping[str, Mapping[str, FieldDef]]) -> ParsedQuery:
+    """Parse ``text`` against ``schema`` (object -> field name -> definition)."""
+    return _Parser(text, schema).parse()
+
+
+def sort_key(fd: FieldDef, value: Any) -> Any:
+    return _key(fd, value)

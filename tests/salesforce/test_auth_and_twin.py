@@ -1,0 +1,179 @@
+"""Sign-in flows against the twin's token endpoint, and the twin's wire shapes against the published
+samples in tests/fixtures/salesforce (copied verbatim from the shared fixtures)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from connector.errors import ConfigError, SignInRequired
+from connector.remote.http import requests_session
+from connector.salesforce.adapter import parse_sf_datetime
+from connector.salesforce.auth import SalesforceSignIn, jwt_audience
+from connector.salesforce.twin import SalesforceTwin, seed
+from connector.settings import SalesforceAuth
+from tests.salesforce.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    NO_SLEEP,
+    START,
+    USERNAME,
+    crm_settings,
+    fixture,
+)
+
+
+def sign_in(twin: SalesforceTwin, ca_bundle: Path, auth: SalesforceAuth) -> SalesforceSignIn:
+    return SalesforceSignIn(
+        crm_settings(twin, auth=auth), ca_bundle=ca_bundle, policy=NO_SLEEP, now=twin.clock.now
+    )
+
+
+def test_jwt_bearer_client_credentials_and_password(
+    twin: SalesforceTwin, ca_bundle: Path, rsa_keys: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    key_file = tmp_path / "sf.key"
+    key_file.write_bytes(rsa_keys[0])
+    flows = [
+        SalesforceAuth(flow="jwt_bearer", client_id=CLIENT_ID, username=USERNAME, private_key_file=key_file),
+        SalesforceAuth(
+            flow="client_credentials", client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET)
+        ),
+        SalesforceAuth(
+            flow="password",
+            client_id=CLIENT_ID,
+            username=USERNAME,
+            client_secret=SecretStr(CLIENT_SECRET),
+            password=SecretStr("twin-password"),
+        ),
+    ]
+    for auth in flows:
+        provider = sign_in(twin, ca_bundle, auth)
+        token = provider.current()
+        assert token.instance_url == twin.base_url and token.access_token in twin.sessions
+        assert token.access_token not in repr(token)
+        assert provider.token() == token.access_token  # cached
+        assert provider.token(force_refresh=True) != token.access_token
+        provider.close()
+    assert (
+        twin.sign_ins
+        == ["urn:ietf:params:oauth:grant-type:jwt-bearer"] * 2 + ["client_credentials"] * 2 + ["password"] * 2
+    )
+
+
+def test_refused_sign_ins_say_what_to_fix(twin: SalesforceTwin, ca_bundle: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    wrong = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cases = [
+        SalesforceAuth(
+            flow="jwt_bearer", client_id=CLIENT_ID, username=USERNAME, private_key=SecretStr(wrong.decode())
+        ),
+        SalesforceAuth(
+            flow="password",
+            client_id=CLIENT_ID,
+            username=USERNAME,
+            client_secret=SecretStr(CLIENT_SECRET),
+            password=SecretStr("wrong"),
+        ),
+        SalesforceAuth(flow="client_credentials", client_id="other", client_secret=SecretStr(CLIENT_SECRET)),
+    ]
+    for auth in cases:
+        provider = sign_in(twin, ca_bundle, auth)
+        with pytest.raises(SignInRequired, match="refused"):
+            provider.token()
+        provider.close()
+    provider = sign_in(twin, ca_bundle, SalesforceAuth(flow="client_credentials", client_id=CLIENT_ID))
+    with pytest.raises(ConfigError, match="client secret"):
+        provider.token()
+    provider.close()
+    with pytest.raises(ConfigError, match="https"):
+        SalesforceSignIn(crm_settings(twin, login_url="http://localhost:1"), ca_bundle=ca_bundle)
+
+
+def test_jwt_audience() -> None:
+    assert jwt_audience("https://acme.my.salesforce.com") == "https://login.salesforce.com"
+    assert jwt_audience("https://test.salesforce.com/") == "https://test.salesforce.com"
+    assert jwt_audience("https://acme--uat.sandbox.my.salesforce.com") == "https://test.salesforce.com"
+    assert jwt_audience("https://localhost:8443") == "https://localhost:8443"
+
+
+def test_datetimes_from_the_published_samples_parse_as_utc() -> None:
+    deleted = fixture("get-deleted.json")
+    assert (
+        parse_sf_datetime(deleted["deletedRecords"][0]["deletedDate"]).isoformat()
+        == "2013-05-07T22:07:19+00:00"
+    )
+    assert (
+        parse_sf_datetime(fixture("get-updated.json")["latestDateCovered"]).isoformat()
+        == "2013-05-08T21:20:00+00:00"
+    )
+    assert (
+        parse_sf_datetime(fixture("bulk2-create-query-job-response.json")["createdDate"]).tzinfo is not None
+    )
+    assert parse_sf_datetime("1741003200000") == parse_sf_datetime(
+        "2025-03-03T12:00:00.000+0000"
+    )  # Bulk epoch ms
+    with pytest.raises(ValueError):
+        parse_sf_datetime("2025-03-03T12:00:00")  # naive: refused
+
+
+def test_twin_wire_shapes_match_the_published_samples(twin: SalesforceTwin, ca_bundle: Path) -> None:
+    provider = sign_in(
+        twin,
+        ca_bundle,
+        SalesforceAuth(
+            flow="client_credentials", client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET)
+        ),
+    )
+    seeded = seed(twin, 3)
+    base = f"{twin.base_url}/services/data/v59.0"
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        query = s.get(f"{base}/query", params={"q": "SELECT Name FROM Account"}).json()
+        assert set(query) == set(fixture("query-response.json"))
+        assert set(query["records"][0]["attributes"]) == {"type", "url"}
+        twin.delete_row("Opportunity", seeded.opportunities[0])
+        twin.clock.advance(timedelta(minutes=2))
+        window = {"start": (START - timedelta(days=1)).isoformat(), "end": twin.stamp().isoformat()}
+        deleted = s.get(f"{base}/sobjects/Opportunity/deleted/", params=window)
+        assert set(deleted.json()) == set(fixture("get-deleted.json"))
+        assert deleted.json()["deletedRecords"][0]["id"] == seeded.opportunities[0]
+        assert set(s.get(f"{base}/sobjects/Opportunity/updated/", params=window).json()) == set(
+            fixture("get-updated.json")
+        )
+        too_old = {"start": (START - timedelta(days=20)).isoformat(), "end": twin.stamp().isoformat()}
+        refused = s.get(f"{base}/sobjects/Opportunity/deleted/", params=too_old)
+        assert refused.status_code == 400 and refused.json()[0]["errorCode"] == "INVALID_REPLICATION_DATE"
+        job = s.post(
+            f"{base}/jobs/query", json={"operation": "query", "query": "SELECT Id FROM Account"}
+        ).json()
+        assert set(fixture("bulk2-create-query-job-response.json")) <= set(job)
+        created = s.post(f"{base}/sobjects/Account", json={"Name": "New"})
+        assert created.status_code == 201 and set(created.json()) == set(
+            fixture("upsert-create-response.json")
+        )
+        bad = s.get(
+            f"{base}/query",
+            params={"q": "SELECT Id FROM Opportunity WHERE Name = 'x' AND Id = 'y' OR Name = 'z'"},
+        )
+        assert (
+            bad.status_code == 400
+            and bad.json() == [bad.json()[0]]
+            and bad.json()[0]["errorCode"] == "MALFORMED_QUERY"
+        )
+        long = s.get(
+            f"{base}/query", params={"q": "SELECT Id FROM Account WHERE Name = '" + "x" * 17_000 + "'"}
+        )
+        assert long.status_code == 414
+        assert s.get(f"{base}/limits").headers["Sforce-Limit-Info"].startswith("api-usage=")
+        twin.clock.advance(timedelta(hours=3))
+        expired = s.get(f"{base}/limits")
+        assert expired.status_code == 401 and expired.json()[0]["errorCode"] == "INVALID_SESSION_ID"
+    provider.close()
