@@ -18,7 +18,15 @@ from typing import Any, Protocol
 from connector.domain.model import Deal
 from connector.domain.stages import CrmStage
 
-__all__ = ["ChangePage", "CrmAdapter", "CrmChange", "CrmWrite", "RecordFailure", "ReferralStore", "WriteResult"]
+__all__ = [
+    "ChangePage",
+    "CrmAdapter",
+    "CrmChange",
+    "CrmWrite",
+    "RecordFailure",
+    "ReferralStore",
+    "WriteResult",
+]
 
 
 @dataclass(frozen=True)
