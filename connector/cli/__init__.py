@@ -1,7 +1,8 @@
 """The ``cosell`` command line: a thin shell over the engine.
 
 Exit codes: 0 ok; 1 failed (see the message); 2 bad configuration or mapping (the message names the
-file, the key and what would be valid); 75 a remote system is unavailable, try again later.
+file, the key and what would be valid); 3 a remote system or the state store could not be reached or
+signed into (try again later, or sign in).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from connector.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_TEMPFAIL = 1, 2, 75
+EXIT_FAILED, EXIT_CONFIG, EXIT_TEMPFAIL = 1, 2, 3
 
 app = typer.Typer(
     name="cosell",
@@ -73,10 +74,12 @@ def _root(
 
 
 def _register() -> None:
-    from connector.cli import db, mappings
+    from connector.cli import auth, db, mappings, sync
 
     app.add_typer(mappings.app, name="mappings")
+    app.add_typer(auth.app, name="auth")
     app.add_typer(db.app, name="db")
+    app.command(name="sync")(sync.sync)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Fields merged as single values, with how to read them off a deal.
-SCALAR_FIELDS = ("name", "value", "currency", "close_date", "notes", "campaign_id", "external_reference_id")
+SCALAR_FIELDS = ("name", "value", "currency", "close_date", "notes", "campaign_id")
 #: Fields merged as sets of elements.
 SET_FIELDS = ("team", "solutions")
 
@@ -66,7 +66,6 @@ def snapshot_of(deal: Deal) -> dict[str, Any]:
         "close_date": None if deal.close_date is None else deal.close_date.isoformat(),
         "notes": deal.notes or "",
         "campaign_id": deal.campaign_id or None,
-        "external_reference_id": deal.external_reference_id or None,
         "team": sorted((_member(m) for m in deal.team), key=lambda m: (m["email"], m["last_name"])),
         "solutions": sorted({s.id for s in deal.solutions}),
     }

@@ -1098,6 +1098,9 @@ class SalesforceAdapter:
                     )
                 elif name == "close_date" and isinstance(value, str):
                     values[target] = date.fromisoformat(value)
+                elif name == "value" and value is not None:
+                    # canonical amounts are decimal strings (exact); Salesforce's currency field is a number
+                    values[target] = float(Decimal(str(value)))
                 else:
                     values[target] = value
             if change.stage is not None:

@@ -275,6 +275,7 @@ class SyncEngine:
                 default_policy=self.default_policy,
                 create_referrals=self.connection.policy.create_referrals,
                 create_opportunities=self.connection.policy.create_opportunities,
+                location_id=self.connection.partner_center.location_id,
             )
         except RecordError as exc:
             self._fail(System.CRM if crm else System.PARTNER_CENTER, record, exc)

@@ -136,8 +136,6 @@ def _apply_fields(deal: Deal, values: Mapping[str, Any]) -> Deal:
         changes["notes"] = values["notes"] or ""
     if "campaign_id" in values:
         changes["campaign_id"] = values["campaign_id"]
-    if "external_reference_id" in values:
-        changes["external_reference_id"] = values["external_reference_id"]
     if "team" in values:
         changes["team"] = tuple(
             Contact(m["first_name"], m["last_name"], email=m["email"], phone=m["phone"])
@@ -162,19 +160,22 @@ def plan_pair(
     default_policy: Policy = Policy.NEWEST_WINS,
     create_referrals: bool = True,
     create_opportunities: bool = True,
+    location_id: str | None = None,
 ) -> PairPlan:
     """Plan one pair. ``crm`` None = a referral with no opportunity yet; ``referral`` None = an
     opted-in opportunity with no referral yet; ``base`` None = never synced."""
     if referral is None:
         assert crm is not None and facts is not None
-        return _plan_create_referral(crm, facts, mapping, create_referrals)
+        return _plan_create_referral(crm, facts, mapping, create_referrals, location_id)
     if crm is None:
         return _plan_create_opportunity(referral, mapping, create_opportunities)
     assert facts is not None
     return _plan_linked(crm, facts, referral, base, mapping, policies or {}, default_policy)
 
 
-def _plan_create_referral(crm: Deal, facts: CrmFacts, mapping: StageMapping, enabled: bool) -> PairPlan:
+def _plan_create_referral(
+    crm: Deal, facts: CrmFacts, mapping: StageMapping, enabled: bool, location_id: str | None
+) -> PairPlan:
     if not enabled:
         return PairPlan()
     try:
@@ -193,6 +194,7 @@ def _plan_create_referral(crm: Deal, facts: CrmFacts, mapping: StageMapping, ena
         sales_stage=target.stage,
         external_reference_id=crm.crm_id,
         deal_type=rules.derive_deal_type(crm),
+        location_id=crm.location_id or location_id,
     )
     refusals = rules.check_create(draft)
     if refusals:
@@ -268,6 +270,29 @@ def _plan_linked(
             pc_ops.append(PcOp(PcOpKind.PATCH, after, "field changes", tuple(sorted(to_pc))))
             referral = after
     crm_changes.update(fields_plan.toward(Direction.TO_CRM))
+
+    # --- identity: every referral the connector pairs carries the CRM id (partner-center-api.md §5.1),
+    # so a lost link can always be found again by externalReferenceId
+    if not referral.is_terminal and crm.crm_id and referral.external_reference_id != crm.crm_id:
+        adopted = replace(referral, external_reference_id=crm.crm_id)
+        pc_ops.append(
+            PcOp(
+                PcOpKind.PATCH,
+                adopted,
+                "pairing: the CRM id as externalReferenceId",
+                ("external_reference_id",),
+            )
+        )
+        explanations.append(
+            (
+                "external_reference_id",
+                Direction.TO_PARTNER_CENTER.value,
+                referral.external_reference_id,
+                crm.crm_id,
+                "pairing",
+            )
+        )
+        referral = adopted
 
     # --- deal type: the CRM's visibility/help answers upgrade the referral, never downgrade it
     if not referral.is_terminal:

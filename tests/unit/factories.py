@@ -35,6 +35,7 @@ def deal(**changes: Any) -> Deal:
         substatus=Substatus.ACCEPTED,
         referral_id="r-1",
         crm_id="0061x000001AbcdAAC",
+        external_reference_id="0061x000001AbcdAAC",
         location_id="loc-1",
         sales_stage=StandardStage.QUALIFIED,
         customer=Customer("Contoso Ltd", Address(country="US", city="Redmond")),

@@ -19,7 +19,6 @@ BASE: dict[str, Any] = {
     "close_date": "2027-01-01",
     "notes": "",
     "campaign_id": None,
-    "external_reference_id": "006A",
     "team": [{"email": "a@p.example"}],
     "solutions": ["SOL-1"],
 }
