@@ -101,6 +101,11 @@ class CrmAdapter(Protocol):
 
     system: str  # "salesforce" | "dynamics"
 
+    @property
+    def write_unsupported(self) -> frozenset[str]:
+        """Canonical fields ``apply`` cannot write (they flow CRM -> Partner Center only)."""
+        ...
+
     def stages(self) -> Sequence[CrmStage]:
         """The org's stage metadata (labels, probabilities, closed/won flags, record types)."""
         ...

@@ -9,7 +9,7 @@ sales-ops person understands. Source of every rule: ``cosell-domain.md`` and par
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -436,7 +436,10 @@ def check_update(before: Deal, after: Deal) -> list[Refusal]:
                 )
     refusals += _invitations(after)
     if after.sales_stage != before.sales_stage and after.sales_stage is not None:
-        refusals += check_stage_change(before, after.sales_stage, allow_backward=False)
+        # Accepting an inbound referral and setting its first stage is one change (one PATCH).
+        accepting = before.status is Status.NEW and after.status is Status.ACTIVE
+        stage_base = replace(before, status=after.status, substatus=after.substatus) if accepting else before
+        refusals += check_stage_change(stage_base, after.sales_stage, allow_backward=False)
     return refusals
 
 

@@ -308,6 +308,9 @@ class DynamicsAdapter:
         self._currencies: dict[str, str] = {}  # transactioncurrencyid -> ISO code (stable)
         self._tracking_known_off = not options.change_tracking
 
+    #: canonical fields apply() cannot write yet: the engine lets them flow to Partner Center only
+    write_unsupported: frozenset[str] = frozenset({"team", "solutions"})
+
     @property
     def root(self) -> str:
         return self.options.service_root

@@ -375,6 +375,14 @@ class SalesforceAdapter:
         self._record_types: dict[str, str] = {}
         self.last_full_resync_reason = ""
 
+    @property
+    def write_unsupported(self) -> frozenset[str]:
+        """Canonical fields apply() cannot write: the engine lets them flow to Partner Center only."""
+        unsupported = {"team"}  # OpportunityTeamMember writes (users by email) are not built yet
+        if not self.fields["solutions"]:
+            unsupported.add("solutions")  # line items need a price book; only a multi-select is written
+        return frozenset(unsupported)
+
     def close(self) -> None:
         """Close the HTTP connections (the requests session and the sign-in client)."""
         self._session.close()

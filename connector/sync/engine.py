@@ -276,6 +276,7 @@ class SyncEngine:
                 create_referrals=self.connection.policy.create_referrals,
                 create_opportunities=self.connection.policy.create_opportunities,
                 location_id=self.connection.partner_center.location_id,
+                crm_readonly=self.crm.write_unsupported,
             )
         except RecordError as exc:
             self._fail(System.CRM if crm else System.PARTNER_CENTER, record, exc)

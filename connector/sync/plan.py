@@ -161,20 +161,26 @@ def plan_pair(
     create_referrals: bool = True,
     create_opportunities: bool = True,
     location_id: str | None = None,
+    crm_readonly: frozenset[str] = frozenset(),
 ) -> PairPlan:
     """Plan one pair. ``crm`` None = a referral with no opportunity yet; ``referral`` None = an
     opted-in opportunity with no referral yet; ``base`` None = never synced."""
     if referral is None:
         assert crm is not None and facts is not None
-        return _plan_create_referral(crm, facts, mapping, create_referrals, location_id)
+        return _plan_create_referral(crm, facts, mapping, create_referrals, location_id, crm_readonly)
     if crm is None:
-        return _plan_create_opportunity(referral, mapping, create_opportunities)
+        return _plan_create_opportunity(referral, mapping, create_opportunities, crm_readonly)
     assert facts is not None
-    return _plan_linked(crm, facts, referral, base, mapping, policies or {}, default_policy)
+    return _plan_linked(crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly)
 
 
 def _plan_create_referral(
-    crm: Deal, facts: CrmFacts, mapping: StageMapping, enabled: bool, location_id: str | None
+    crm: Deal,
+    facts: CrmFacts,
+    mapping: StageMapping,
+    enabled: bool,
+    location_id: str | None,
+    crm_readonly: frozenset[str] = frozenset(),
 ) -> PairPlan:
     if not enabled:
         return PairPlan()
@@ -200,6 +206,7 @@ def _plan_create_referral(
     if refusals:
         return PairPlan(refusals=tuple(refusals))
     base = {**snapshot_of(draft), "crm_stage": facts.stage_label, "pc_state": pc_state_key(draft).value}
+    base |= _crm_answers(crm) | {f"crm:{name}": snapshot_of(crm).get(name) for name in crm_readonly}
     return PairPlan(
         pc_ops=(PcOp(PcOpKind.CREATE, draft, f"opted in, no referral yet ({draft.deal_type.value})"),),
         base=base,
@@ -207,7 +214,16 @@ def _plan_create_referral(
     )
 
 
-def _plan_create_opportunity(referral: Deal, mapping: StageMapping, enabled: bool) -> PairPlan:
+def _crm_answers(crm: Deal) -> dict[str, Any]:
+    return {
+        "crm:share": crm.share_with_microsoft,
+        "crm:help": crm.help_requested.value if crm.help_requested else None,
+    }
+
+
+def _plan_create_opportunity(
+    referral: Deal, mapping: StageMapping, enabled: bool, crm_readonly: frozenset[str] = frozenset()
+) -> PairPlan:
     if not enabled or referral.is_terminal:
         return PairPlan()
     key = pc_state_key(referral)
@@ -216,6 +232,8 @@ def _plan_create_opportunity(referral: Deal, mapping: StageMapping, enabled: boo
     except RecordError as exc:
         return PairPlan(refusals=(Refusal("stage-unmapped", str(exc), "sales_stage"),))
     base = {**snapshot_of(referral), "crm_stage": resolution.crm_label, "pc_state": key.value}
+    # what the new opportunity will not carry (fields the CRM cannot be written) starts empty there
+    base |= {"crm:share": False, "crm:help": None} | {f"crm:{name}": [] for name in crm_readonly}
     return PairPlan(
         crm_changes={**snapshot_of(referral), "referral_id": referral.referral_id},
         crm_stage=resolution.crm_label,
@@ -232,6 +250,7 @@ def _plan_linked(
     mapping: StageMapping,
     policies: Mapping[str, Policy],
     default_policy: Policy,
+    crm_readonly: frozenset[str] = frozenset(),
 ) -> PairPlan:
     explanations: list[tuple[str, str, Any, Any, str]] = []
     refusals: list[Refusal] = []
@@ -240,9 +259,17 @@ def _plan_linked(
     crm_changes: dict[str, Any] = {}
     crm_stage: str | None = None
 
+    crm_snapshot = snapshot_of(crm)
+    merge_base = dict(base) if base is not None else None
+    if merge_base is not None:
+        # For fields the CRM cannot be written, the CRM's own last-read value is its base: its
+        # changes still flow to Partner Center, and Partner Center's own additions survive.
+        for name in crm_readonly:
+            if f"crm:{name}" in merge_base:
+                merge_base[name] = merge_base[f"crm:{name}"]
     fields_plan = merge(
-        base,
-        snapshot_of(crm),
+        merge_base,
+        crm_snapshot,
         snapshot_of(referral),
         policies=policies,
         default_policy=default_policy,
@@ -250,8 +277,12 @@ def _plan_linked(
         pc_modified=referral.updated_at,
     )
     new_base = dict(fields_plan.base)
+    for name in crm_readonly:
+        new_base[f"crm:{name}"] = crm_snapshot.get(name)
     to_pc = fields_plan.toward(Direction.TO_PARTNER_CENTER)
     for change in fields_plan.changes:
+        if change.direction is Direction.TO_CRM and change.field in crm_readonly:
+            continue
         explanations.append((change.field, change.direction.value, change.old, change.new, change.rule))
     if referral.is_terminal and to_pc:
         refusals += rules.check_update(referral, _apply_fields(referral, to_pc))[:1]
@@ -269,7 +300,9 @@ def _plan_linked(
         else:
             pc_ops.append(PcOp(PcOpKind.PATCH, after, "field changes", tuple(sorted(to_pc))))
             referral = after
-    crm_changes.update(fields_plan.toward(Direction.TO_CRM))
+    crm_changes.update(
+        {k: v for k, v in fields_plan.toward(Direction.TO_CRM).items() if k not in crm_readonly}
+    )
 
     # --- identity: every referral the connector pairs carries the CRM id (partner-center-api.md §5.1),
     # so a lost link can always be found again by externalReferenceId
@@ -321,9 +354,11 @@ def _plan_linked(
                     )
                 )
                 referral = upgraded
-        if (referral.share_with_microsoft and not crm.share_with_microsoft) or (
-            referral.help_requested is not None and crm.help_requested is None
-        ):
+        # Only a CRM answer that changed from yes to no is a downgrade attempt; a CRM that never
+        # carried the answer (no field for it) is not asking for anything.
+        withdrew_share = (base or {}).get("crm:share") is True and not crm.share_with_microsoft
+        withdrew_help = (base or {}).get("crm:help") is not None and crm.help_requested is None
+        if withdrew_share or withdrew_help:
             refusals += [
                 r
                 for r in rules.check_update(
@@ -336,6 +371,8 @@ def _plan_linked(
                 )
                 if r.rule in ("share-no-downgrade", "help-type-locked")
             ]
+
+    new_base |= _crm_answers(crm)
 
     # --- stage and status: through the mapping and the rules, never a blind copy
     known = base or {}

@@ -1,0 +1,179 @@
+"""End to end: the sync engine with the real Partner Center client and Salesforce adapter, over real
+HTTPS against the twins, with SQLite and PostgreSQL state."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import pytest
+
+from connector.partner_center.twin import PartnerCenterTwin
+from connector.salesforce.twin import SalesforceTwin
+from connector.state import SqlStateStore
+from tests.e2e.conftest import CONNECTION, Run
+
+REFERRAL_FIELD = "Partner_Center_Referral_Id__c"
+STATUS_FIELD = "Partner_Center_Sync_Status__c"
+
+
+def add_account(sf: SalesforceTwin) -> str:
+    return sf.add_row(
+        "Account",
+        {"Name": "Contoso Ltd", "BillingCity": "Redmond", "BillingCountry": "United States"},
+    )
+
+
+def add_user(sf: SalesforceTwin, n: int = 1) -> str:
+    return sf.add_row(
+        "User",
+        {
+            "FirstName": "Ada",
+            "LastName": f"Seller{n}",
+            "Name": f"Ada Seller{n}",
+            "Email": f"ada{n}@partner.example",
+            "Phone": "+1 555 0100",
+            "IsActive": True,
+        },
+    )
+
+
+def add_opportunity(
+    sf: SalesforceTwin, name: str = "Contoso migration", stage: str = "Needs Analysis", **extra: object
+) -> str:
+    account = add_account(sf)
+    owner = add_user(sf)
+    product = sf.add_row(
+        "Product2", {"Name": "Contoso Cloud", "ProductCode": "SOL-34104-EBB", "IsActive": True}
+    )
+    opp = sf.add_row(
+        "Opportunity",
+        {
+            "Name": name,
+            "StageName": stage,
+            "Amount": 50000.0,
+            "CurrencyIsoCode": "USD",
+            "CloseDate": date(2027, 3, 31),
+            "AccountId": account,
+            "OwnerId": owner,
+            "Description": "",
+            "Sync_with_Partner_Center__c": True,
+            **extra,
+        },
+    )
+    sf.add_row(
+        "OpportunityLineItem",
+        {"OpportunityId": opp, "Product2Id": product, "ProductCode": "SOL-34104-EBB", "Name": "Contoso Cloud",
+         "Quantity": 1.0, "UnitPrice": 50000.0, "TotalPrice": 50000.0},
+    )  # fmt: skip
+    return opp
+
+
+def writes(pc: PartnerCenterTwin, sf: SalesforceTwin) -> tuple[int, int]:
+    sf_writes = sf.request_count("composite/sobjects", "PATCH") + sf.request_count(
+        "composite/sobjects", "POST"
+    )
+    return pc.count_writes(), sf_writes
+
+
+def test_outbound_opportunity_creates_one_referral_and_a_second_run_writes_nothing(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    opp = add_opportunity(sf)
+    report = run()
+    assert report.counts["pc_created"] == 1, report.problems
+    [referral] = pc.referrals.values()
+    assert referral["externalReferenceId"] == opp
+    assert referral["salesStage"] == "20"  # Needs Analysis -> Qualified
+    assert sf.tables["Opportunity"][opp][REFERRAL_FIELD] == referral["id"]
+    assert sf.tables["Opportunity"][opp][STATUS_FIELD] == "synced"
+    link = store.link_by_crm(CONNECTION, opp)
+    assert link is not None and link.referral_id == referral["id"]
+    assert [e.action for e in store.audit(CONNECTION, crm_id=opp)][:1] == ["set"]
+
+    before = writes(pc, sf)
+    again = run()
+    assert writes(pc, sf) == before, again.planned  # no ping-pong: zero writes on either side
+    assert again.counts["pc_created"] == again.counts["pc_updated"] == again.counts["crm_updated"] == 0
+
+
+def test_crm_stage_and_partner_center_notes_flow_both_ways(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin
+) -> None:
+    opp = add_opportunity(sf)
+    run()
+    [rid] = pc.referrals
+    sf.update_row("Opportunity", opp, {"StageName": "Proposal/Price Quote"})
+    with pc._store:  # a Microsoft-side edit of the notes
+        doc = pc.referrals[rid]
+        doc["details"]["notes"] = "Microsoft seller engaged"
+        doc["updatedDateTime"] = pc._now()
+        doc["eTag"] = pc._etag()
+        pc._version += 1
+    report = run()
+    assert report.counts["failed"] == 0, report.problems
+    assert pc.referrals[rid]["salesStage"] == "60"
+    assert sf.tables["Opportunity"][opp]["Description"] == "Microsoft seller engaged"
+
+
+def test_dry_run_plans_and_writes_nothing(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    add_opportunity(sf)
+    report = run(dry_run=True)
+    assert report.counts["planned"] == 1 and report.planned[0].plan.pc_ops
+    assert pc.referrals == {} and writes(pc, sf) == (0, 0)
+    assert store.count_links(CONNECTION) == {} and store.cursors(CONNECTION) == {}
+    assert store.last_run(CONNECTION) is None
+
+
+def test_inbound_referral_creates_an_opportunity_and_accepting_in_crm_accepts_it(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin
+) -> None:
+    [rid] = pc.seed(1, mix=False)
+    with pc._store:
+        doc = pc.referrals[rid]
+        doc.update(
+            {
+                "status": "New",
+                "substatus": "Received",
+                "direction": "Incoming",
+                "externalReferenceId": None,
+                "salesStage": None,
+            }
+        )
+    report = run()
+    assert report.counts["crm_created"] == 1, report.problems
+    [opp] = [oid for oid, row in sf.tables["Opportunity"].items() if row.get(REFERRAL_FIELD) == rid]
+    assert sf.tables["Opportunity"][opp]["StageName"] == "Prospecting"
+    sf.update_row("Opportunity", opp, {"StageName": "Needs Analysis", "Sync_with_Partner_Center__c": True})
+    report = run()
+    assert report.counts["failed"] == 0, report.problems
+    assert (pc.referrals[rid]["status"], pc.referrals[rid]["substatus"]) == ("Active", "Accepted")
+    assert pc.referrals[rid]["salesStage"] == "20"
+    # what the CRM cannot carry (the team here) is never wiped from Partner Center
+    assert [m["email"] for m in pc.referrals[rid]["team"]] == ["sam@contoso.com"]
+    assert pc.referrals[rid]["externalReferenceId"] == opp
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_closed_referral_refuses_crm_edits_and_says_why(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    opp = add_opportunity(sf)
+    run()
+    [rid] = pc.referrals
+    with pc._store:
+        pc.referrals[rid].update(
+            {"status": "Closed", "substatus": "Won", "updatedDateTime": pc._now(), "eTag": pc._etag()}
+        )
+        pc._version += 1
+    run()  # the CRM follows Partner Center to Closed Won
+    assert sf.tables["Opportunity"][opp]["StageName"] == "Closed Won"
+    sf.update_row("Opportunity", opp, {"Amount": 99000.0})
+    before = pc.count_writes()
+    report = run()
+    assert pc.count_writes() == before
+    assert report.counts["blocked"] == 1
+    assert "terminal-immutable" in sf.tables["Opportunity"][opp][STATUS_FIELD]
+    assert any(rule == "terminal-immutable" for _, rule, _ in report.problems)
+    assert datetime.now(UTC)  # keeps the import honest for the time helpers above
