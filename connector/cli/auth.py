@@ -98,3 +98,7 @@ def status(
             typer.echo(line)
     if missing:
         raise typer.Exit(1)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="auth")

@@ -28,3 +28,7 @@ def status(ctx: typer.Context) -> None:
     if current != head:
         typer.echo("run `cosell db upgrade` to migrate")
         raise typer.Exit(1)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="db")

@@ -175,3 +175,7 @@ def explain(
     for other in res.also_matched:
         console.print(f"  also matched (lower precedence): {other}")
     console.print(f"  mapping: {title}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="mappings")

@@ -144,3 +144,7 @@ def sync(
     if results:
         console.print(_summary(results))
     raise typer.Exit(worst)
+
+
+def register(root: typer.Typer) -> None:
+    root.command(name="sync")(sync)
