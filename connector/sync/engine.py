@@ -104,7 +104,7 @@ class SyncEngine:
         mappings: MappingSet,
         *,
         holder: str | None = None,
-        lease_ttl: timedelta = timedelta(minutes=15),
+        lease_ttl: timedelta = timedelta(minutes=5),
         correlation_id: str | None = None,
     ) -> None:
         self.name = name
@@ -199,9 +199,12 @@ class SyncEngine:
             self._reconcile_opportunities(list(self.crm.get([crm_id])))
 
     def _commit_cursor(self, source: str, cursor: str | None) -> None:
-        if self._need_report().dry_run or cursor is None:
+        if self._need_report().dry_run:
             return
-        self.store.set_cursor(self.name, source, cursor)
+        # Renew the lease at every page: a long run keeps it, a killed one loses it within lease_ttl.
+        self.store.acquire_lease(self.name, self.holder, self.lease_ttl)
+        if cursor is not None:
+            self.store.set_cursor(self.name, source, cursor)
 
     # --- pairing ----------------------------------------------------------------------------------
 
@@ -480,6 +483,8 @@ class SyncEngine:
                 self.store.save_link(link)
                 if link.crm_id:
                     self.store.clear_dead_letter(self.name, System.CRM, link.crm_id)
+                if link.referral_id:
+                    self.store.clear_dead_letter(self.name, System.PARTNER_CENTER, link.referral_id)
                 self.store.append_audit(p.audit)
                 report.counts["synced"] += 1
 
@@ -495,7 +500,8 @@ class SyncEngine:
             crm_id = entry.payload.get("crm_id")
             if entry.operation == PcOpKind.CREATE.value and crm_id:
                 found = self.pc.find_by_external_reference(str(crm_id))
-                if found is not None:
+                existing = self.store.link_by_crm(self.name, str(crm_id))
+                if found is not None and (existing is None or existing.referral_id != found.referral_id):
                     self.store.save_link(
                         Link(
                             self.name,

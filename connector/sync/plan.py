@@ -327,6 +327,14 @@ def _plan_linked(
         )
         referral = adopted
 
+    # ... and the opportunity carries the referral id (read back from the CRM, so a write-back lost
+    # to a crash is noticed and made again)
+    if referral.referral_id and crm.referral_id != referral.referral_id:
+        crm_changes["referral_id"] = referral.referral_id
+        explanations.append(
+            ("referral_id", Direction.TO_CRM.value, crm.referral_id, referral.referral_id, "pairing")
+        )
+
     # --- deal type: the CRM's visibility/help answers upgrade the referral, never downgrade it
     if not referral.is_terminal:
         upgraded = replace(
