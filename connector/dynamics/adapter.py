@@ -310,6 +310,8 @@ class DynamicsAdapter:
 
     #: canonical fields apply() cannot write yet: the engine lets them flow to Partner Center only
     write_unsupported: frozenset[str] = frozenset({"team", "solutions"})
+    #: If-Match writes still go in one $batch, so the engine may send every write conditionally
+    conditional_writes_batched = True
 
     @property
     def root(self) -> str:

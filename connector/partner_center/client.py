@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
 import json
 import uuid
 from collections.abc import Iterator, Mapping
@@ -88,6 +89,8 @@ class ReferralPage:
     next_link: str | None
     #: largest server ``updatedDateTime`` on the page (raw text), parse failures included
     max_updated: str | None
+    #: the server's clock (HTTP ``Date``) when the listing's first page was answered
+    listing_started: str | None = None
 
 
 def _odata_text(value: str) -> str:
@@ -291,11 +294,14 @@ class PartnerCenterClient:
             params["$orderby"] = orderby
         url: str = self.referrals_url
         query: dict[str, str] | None = dict(params)
+        started: str | None = None
         while True:
             response = self.session.request(
                 operation, "GET", url, headers=self._headers(str(uuid.uuid4())), params=query
             )
             self._check(response, operation, "")
+            if started is None:
+                started = _server_date(response)
             try:
                 body = response.json()
                 items = body["value"]
@@ -305,7 +311,7 @@ class PartnerCenterClient:
                     f"{response.headers.get('Request-ID', '-')})",
                     cause="pc-unreadable",
                 ) from None
-            page = _page(items, body.get("@odata.nextLink"))
+            page = dataclasses.replace(_page(items, body.get("@odata.nextLink")), listing_started=started)
             yield page
             if not page.next_link:
                 return
@@ -364,6 +370,11 @@ class PartnerCenterClient:
         watermark = cursor
         for page in self.pages(filters=filters, orderby="updatedDateTime asc", operation="changes"):
             watermark = _later(watermark, page.max_updated)
+            if not page.next_link and page.listing_started is not None:
+                # The whole window was read: the cursor may move up to the server's own clock at the
+                # listing's start (the HTTP Date header, still the server's clock, never ours). Without
+                # it an idle book would re-read the lookback window behind its last change forever.
+                watermark = _later(watermark, page.listing_started)
             yield self._change_page(page.referrals, page.failures, watermark)
 
     def _descending(self, cursor: str | None, since: str) -> Iterator[ChangePage]:
@@ -523,6 +534,20 @@ def _path_id(referral_id: str) -> str:
         raise RecordError(
             f"{referral_id!r} is not a referral id (a GUID)", record_id=referral_id, cause="pc-bad-id"
         ) from None
+
+
+def _server_date(response: httpx.Response) -> str | None:
+    """The response's ``Date`` header as a server timestamp (None when absent or unreadable)."""
+    value = response.headers.get("Date")
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return format_utc(when)
 
 
 def _page(items: Any, next_link: Any) -> ReferralPage:

@@ -352,7 +352,10 @@ class SyncEngine:
             current = self._pc_write(op, current, crm_id)
             report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
         status = "synced"
-        if plan.refusals:
+        if plan.skipped:
+            status = f"skipped: {plan.skipped}"
+            report.counts["skipped"] += 1
+        elif plan.refusals:
             status = f"blocked: {plan.refusals[0].rule}"
             report.counts["blocked"] += 1
             report.problems.append((crm_id or "?", plan.refusals[0].rule, plan.refusals[0].message))
@@ -376,7 +379,11 @@ class SyncEngine:
                 sync_status=status,
                 audit_line=_audit_line(plan, status),
                 synced_at=datetime.now(UTC),
-                based_on=crm.version.value if crm and crm.version else None,
+                # Salesforce sends conditional writes one by one (If-Unmodified-Since); only pass the
+                # version where the adapter can still batch them (Dataverse $batch with If-Match).
+                based_on=crm.version.value
+                if crm and crm.version and getattr(self.crm, "conditional_writes_batched", False)
+                else None,
                 key=uuid.uuid4().hex,
             )
         base = dict(plan.base)

@@ -91,6 +91,8 @@ class PairPlan:
     conflicts: tuple[FieldConflict, ...] = ()
     base: dict[str, Any] = field(default_factory=dict)
     explanations: tuple[tuple[str, str, Any, Any, str], ...] = ()  # (field, direction, old, new, rule)
+    #: why nothing is done for this record although it is in scope (e.g. closed before it was synced)
+    skipped: str = ""
 
     @property
     def is_noop(self) -> bool:
@@ -101,6 +103,7 @@ class PairPlan:
             or self.refusals
             or self.waiting
             or self.conflicts
+            or self.skipped
         )
 
 
@@ -189,9 +192,9 @@ def _plan_create_referral(
     except RecordError as exc:
         return PairPlan(refusals=(Refusal("stage-unmapped", str(exc), "sales_stage"),))
     if target.stage is None or target.stage is StandardStage.WON:
-        # Partner Center takes no closed deal as a new referral: it starts Accepted and moves on.
-        why = "The opportunity is already closed; Partner Center creates referrals only for open deals."
-        return PairPlan(refusals=(Refusal("create-closed-deal", why, "status"),))
+        # A deal closed before it was ever synced is history, not co-sell work: like Microsoft's own
+        # connector, only open deals become referrals. Said once in the CRM's status field.
+        return PairPlan(skipped="closed before it was synced: no referral is created for a closed deal")
     draft = replace(
         crm,
         referral_id=None,
