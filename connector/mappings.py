@@ -14,7 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connector.domain.stages import (
@@ -28,6 +27,7 @@ from connector.domain.stages import (
 )
 from connector.domain.values import MAP_NAMES, ValueMap, ValueMaps, check_target
 from connector.errors import ConfigProblem, MappingError
+from connector.settings import read_yaml_file
 
 __all__ = ["BUILTIN_PREFIX", "MappingSet", "builtin_dir", "builtin_files", "load_mapping_files"]
 
@@ -140,21 +140,8 @@ def resolve_mapping_path(name: str, base: Path | None) -> Path:
 
 
 def _read(path: Path) -> MappingFileDef:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        available = ", ".join(BUILTIN_PREFIX + p.name for p in builtin_files())
-        raise MappingError([ConfigProblem(str(path), "", "mapping file not found", available)]) from None
-    except OSError as exc:
-        raise MappingError(
-            [ConfigProblem(str(path), "", f"cannot read mapping file: {exc.strerror}")]
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MappingError(
-            [ConfigProblem(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
-        ) from None
+    available = ", ".join(BUILTIN_PREFIX + p.name for p in builtin_files())
+    raw = read_yaml_file(path, "mapping file", MappingError, available)
     if not isinstance(raw, dict):
         raise MappingError(
             [ConfigProblem(str(path), "", "a mapping file is a YAML mapping with stages and/or values")]

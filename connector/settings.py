@@ -46,6 +46,7 @@ __all__ = [
     "SyncPolicy",
     "load_settings",
     "read_secret",
+    "read_yaml_file",
 ]
 
 ENV_PREFIX = "COSELL_"
@@ -442,6 +443,23 @@ def _problems(exc: ValidationError, source: str) -> list[ConfigProblem]:
     return problems
 
 
+def read_yaml_file(path: Path, what: str, error: type[ConfigError], missing_hint: str = "") -> Any:
+    """Parse one YAML file; every way it can be unreadable becomes ``error`` naming the file (and the
+    line and column of a syntax error)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error([ConfigProblem(str(path), "", f"{what} not found", missing_hint)]) from None
+    except OSError as exc:
+        raise error([ConfigProblem(str(path), "", f"cannot read {what}: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(
+            [ConfigProblem(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+        ) from None
+
+
 def load_settings(config_file: Path | str | None = None) -> Settings:
     """Read the YAML file (``config_file`` or ``$COSELL_CONFIG``), overlay the environment, validate."""
     path_text = str(config_file) if config_file is not None else os.environ.get("COSELL_CONFIG")
@@ -449,20 +467,7 @@ def load_settings(config_file: Path | str | None = None) -> Settings:
     data: dict[str, Any] = {}
     source = str(path) if path else "environment"
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([ConfigProblem(str(path), "", "config file not found")]) from None
-        except OSError as exc:
-            raise ConfigError(
-                [ConfigProblem(str(path), "", f"cannot read config file: {exc.strerror}")]
-            ) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(
-                [ConfigProblem(str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
-            ) from None
+        loaded = read_yaml_file(path, "config file", ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
