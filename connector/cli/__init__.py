@@ -17,6 +17,7 @@ from rich.console import Console
 
 from connector import __version__
 from connector.errors import ConfigError, CosellError, RetryLater
+from connector.logs import configure_logging
 from connector.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
@@ -48,6 +49,7 @@ class State:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config)
+            configure_logging(self._settings.log.format, self._settings.log.level)
         return self._settings
 
 
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     Typer/click handle usage errors themselves (exit 2); our errors are mapped here.
     """
     _register()
+    # Logs go to stderr, redacted, from the first line on; the config's format and level apply once
+    # it is loaded. stdout is for what the command prints.
+    configure_logging("auto", "WARNING")
     try:
         app(args=argv, prog_name="cosell")
     except SystemExit as exc:

@@ -54,6 +54,7 @@ def _summary(reports: list[tuple[RunReport, dict[str, int]]]) -> Table:
     table = Table(title="summary", title_justify="left")
     columns = (
         "connection",
+        "planned",
         "pc created",
         "pc updated",
         "crm created",
@@ -74,6 +75,7 @@ def _summary(reports: list[tuple[RunReport, dict[str, int]]]) -> Table:
             *(
                 str(c[k])
                 for k in (
+                    "planned",
                     "pc_created",
                     "pc_updated",
                     "crm_created",

@@ -114,6 +114,8 @@ class StateStore(ABC):
     def conflicts(self, connection: str | None = None, state: str = "open") -> list[Conflict]: ...
     @abstractmethod
     def resolve_conflict(self, conflict_id: int, resolution: str) -> Conflict: ...
+    @abstractmethod
+    def mark_conflict_applied(self, conflict_id: int) -> None: ...
 
     # --- audit
     @abstractmethod
@@ -545,6 +547,15 @@ class SqlStateStore(StateStore):
             row = conn.execute(sa.select(t.conflicts).where(t.conflicts.c.id == conflict_id)).mappings().one()
         return _conflict(row)
 
+    def mark_conflict_applied(self, conflict_id: int) -> None:
+        """A resolved conflict whose chosen value the engine has written to both sides."""
+        with self._conn() as conn:
+            conn.execute(
+                sa.update(t.conflicts)
+                .where(t.conflicts.c.id == conflict_id, t.conflicts.c.state == "resolved")
+                .values(state="applied")
+            )
+
     # --- audit ------------------------------------------------------------------------------------
 
     def append_audit(self, entries: Sequence[AuditEntry]) -> None:
@@ -688,6 +699,14 @@ def open_store(url: str, *, migrate: bool = True) -> SqlStateStore:
     """Open the state store at ``url`` and, by default, apply pending migrations."""
     try:
         store = SqlStateStore(url)
+    except OSError as exc:  # the SQLite file's directory cannot be made (a file in the way, no permission)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "configuration", "state.url", f"cannot create the state directory: {exc.strerror}"
+                )
+            ]
+        ) from None
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigError(
             [
@@ -700,7 +719,14 @@ def open_store(url: str, *, migrate: bool = True) -> SqlStateStore:
             ]
         ) from None
     if migrate:
-        store.migrate()
+        try:
+            store.migrate()
+        except sa.exc.DatabaseError as exc:
+            if isinstance(exc, sa.exc.OperationalError):
+                raise
+            raise ConfigError(
+                [ConfigProblem("configuration", "state.url", f"not a usable state database: {exc.orig}")]
+            ) from None
     return store
 
 

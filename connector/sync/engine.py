@@ -88,6 +88,8 @@ class _Pending:
     link: Link
     change: CrmChange | None
     audit: list[AuditEntry]
+    #: resolved conflicts this record's plan applied; marked applied once the page commits
+    applied_conflicts: list[int] = field(default_factory=list)
 
 
 class SyncEngine:
@@ -121,6 +123,9 @@ class SyncEngine:
         self.default_policy = Policy(policy.default)
         self._report: RunReport | None = None
         self._touched_crm: set[str] = set()
+        self._dead: set[tuple[System, str]] = set()
+        #: record id -> field -> (policy, conflict id): human decisions from `cosell conflicts resolve`
+        self._resolutions: dict[str, dict[str, tuple[Policy, int]]] = {}
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -135,6 +140,12 @@ class SyncEngine:
         run_id = uuid.uuid4().hex
         report = self._report = RunReport(self.name, run_id, self.correlation_id, dry_run)
         self._touched_crm = set()
+        self._resolutions = self._load_resolutions()
+        self._dead = {
+            (d.system, d.record_id)
+            for state in ("open", "retry")
+            for d in self.store.dead_letters(self.name, state=state)
+        }
         bound = log.bind(connection=self.name, run_id=run_id, correlation_id=self.correlation_id)
         if not dry_run and not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
             from connector.errors import RetryLater
@@ -155,6 +166,7 @@ class SyncEngine:
                 if not dry_run:
                     self._replay_outbox()
                     self._retry_dead_letters()
+                self._reconcile_resolved()
                 self._pc_phase(full)
                 self._crm_phase(full)
         except Exception as exc:
@@ -168,6 +180,21 @@ class SyncEngine:
                 self.store.release_lease(self.name, self.holder)
             bound.info("run.end", outcome="failed" if error else report.outcome, **dict(report.counts))
         return report
+
+    def _load_resolutions(self) -> dict[str, dict[str, tuple[Policy, int]]]:
+        chosen = {"crm": Policy.CRM_WINS, "partner_center": Policy.PARTNER_CENTER_WINS}
+        out: dict[str, dict[str, tuple[Policy, int]]] = {}
+        for conflict in self.store.conflicts(self.name, state="resolved"):
+            assert conflict.id is not None
+            policy = chosen.get(conflict.resolution)
+            if policy is None:  # dismissed: closes the entry; it reopens if the sides still differ
+                if not self._need_report().dry_run:
+                    self.store.mark_conflict_applied(conflict.id)
+                continue
+            for key in (conflict.crm_id, conflict.referral_id):
+                if key:
+                    out.setdefault(key, {})[conflict.field] = (policy, conflict.id)
+        return out
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -266,6 +293,11 @@ class SyncEngine:
     ) -> list[_Pending]:
         report = self._need_report()
         record = (crm.crm_id if crm else None) or (referral.referral_id if referral else None) or "?"
+        decided: dict[str, tuple[Policy, int]] = {}
+        for key in (crm.crm_id if crm else None, referral.referral_id if referral else None):
+            if key:
+                decided |= self._resolutions.get(key, {})
+        policies = {**self.policies, **{f: p for f, (p, _) in decided.items()}}
         try:
             facts = CrmFacts.of(crm) if crm is not None else None
             plan = plan_pair(
@@ -274,7 +306,7 @@ class SyncEngine:
                 referral,
                 link.snapshot if link and link.snapshot else None,
                 self.mappings.stages,
-                policies=self.policies,
+                policies=policies,
                 default_policy=self.default_policy,
                 create_referrals=self.connection.policy.create_referrals,
                 create_opportunities=self.connection.policy.create_opportunities,
@@ -287,6 +319,8 @@ class SyncEngine:
         name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
         if plan.is_noop:
             report.counts["unchanged"] += 1
+            if not report.dry_run:
+                self._clear_dead(crm.crm_id if crm else None, referral.referral_id if referral else None)
             return []
         report.planned.append(
             PlannedRecord(crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan)
@@ -295,7 +329,9 @@ class SyncEngine:
             report.counts["planned"] += 1
             return []
         try:
-            return [self._act(crm, referral, link, plan)]
+            pending = self._act(crm, referral, link, plan)
+            pending.applied_conflicts = [cid for _, cid in decided.values()]
+            return [pending]
         except ConflictError as exc:
             if depth == 0 and referral is not None and referral.referral_id:
                 # The referral changed between our read and our write (412): re-read, re-plan, once.
@@ -315,8 +351,6 @@ class SyncEngine:
         report = self._need_report()
         crm_id = crm.crm_id if crm else (link.crm_id if link else None)
         audit: list[AuditEntry] = []
-        for fieldname, direction, old, new, rule in plan.explanations:
-            audit.append(self._audit("set", direction, fieldname, old, new, rule, crm_id, referral))
         for conflict in plan.conflicts:
             self.store.add_conflict(
                 Conflict(self.name, crm_id, referral.referral_id if referral else None, conflict.field,
@@ -351,6 +385,11 @@ class SyncEngine:
         for op in _coalesce(plan.pc_ops):
             current = self._pc_write(op, current, crm_id)
             report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
+        # audited after the writes, so a created referral's id is on its rows
+        for fieldname, direction, old, new, rule in plan.explanations:
+            audit.append(
+                self._audit("set", direction, fieldname, old, new, rule, crm_id, current or referral)
+            )
         status = "synced"
         if plan.skipped:
             status = f"skipped: {plan.skipped}"
@@ -488,6 +527,8 @@ class SyncEngine:
                 if link.crm_id is None and link.referral_id is None:
                     continue
                 self.store.save_link(link)
+                for conflict_id in p.applied_conflicts:
+                    self.store.mark_conflict_applied(conflict_id)
                 if link.crm_id:
                     self.store.clear_dead_letter(self.name, System.CRM, link.crm_id)
                 if link.referral_id:
@@ -524,10 +565,34 @@ class SyncEngine:
                 # Not found: the POST never landed; the CRM phase re-plans and creates it.
             self.store.mark_done(entry.id)
 
+    def _clear_dead(self, crm_id: str | None, referral_id: str | None) -> None:
+        """A record that reconciles cleanly leaves the dead-letter queue."""
+        if crm_id and (System.CRM, crm_id) in self._dead:
+            self.store.clear_dead_letter(self.name, System.CRM, crm_id)
+        if referral_id and (System.PARTNER_CENTER, referral_id) in self._dead:
+            self.store.clear_dead_letter(self.name, System.PARTNER_CENTER, referral_id)
+
+    def _reconcile_resolved(self) -> None:
+        """Records with a human's conflict decision are reconciled now, changed or not."""
+        crm_ids = set()
+        for conflict in self.store.conflicts(self.name, state="resolved"):
+            if conflict.crm_id:
+                crm_ids.add(conflict.crm_id)
+        if crm_ids:
+            self._reconcile_opportunities(list(self._get_crm(sorted(crm_ids))))
+            self._touched_crm |= crm_ids
+
     def _retry_dead_letters(self) -> None:
-        for letter in self.store.dead_letters(self.name):
-            if letter.attempts >= MAX_RECORD_ATTEMPTS:
-                continue
+        """Open letters are retried while they have attempts left; a letter an operator marked for
+        retry (`cosell dlq retry`) is retried whatever its count."""
+        asked = self.store.dead_letters(self.name, state="retry")
+        for letter in asked:
+            assert letter.id is not None
+            self.store.set_dead_letter_state(letter.id, "open")
+        due = [
+            letter for letter in self.store.dead_letters(self.name) if letter.attempts < MAX_RECORD_ATTEMPTS
+        ]
+        for letter in {(x.system, x.record_id): x for x in [*asked, *due]}.values():
             try:
                 if letter.system is System.CRM:
                     self._reconcile_opportunities(list(self.crm.get([letter.record_id])))
@@ -535,9 +600,6 @@ class SyncEngine:
                     self._reconcile_referrals([self.pc.get(letter.record_id)])
             except RecordError as exc:
                 self._fail(letter.system, letter.record_id, exc)
-        for letter in self.store.dead_letters(self.name, state="retry"):
-            assert letter.id is not None
-            self.store.set_dead_letter_state(letter.id, "open")
 
     def _fail(self, system: System, record_id: str, exc: RecordError, crm_id: str | None = None) -> None:
         report = self._need_report()

@@ -287,8 +287,10 @@ def _plan_linked(
         if change.direction is Direction.TO_CRM and change.field in crm_readonly:
             continue
         explanations.append((change.field, change.direction.value, change.old, change.new, change.rule))
+    refused_fields: set[str] = set()
     if referral.is_terminal and to_pc:
         refusals += rules.check_update(referral, _apply_fields(referral, to_pc))[:1]
+        refused_fields |= set(to_pc)
         # the CRM keeps its values; the base follows Partner Center, which can no longer change
         for name in to_pc:
             new_base[name] = snapshot_of(referral)[name]
@@ -298,6 +300,7 @@ def _plan_linked(
         refused = rules.check_update(referral, after)
         if refused:
             refusals += refused
+            refused_fields |= set(to_pc)
             for name in to_pc:
                 new_base[name] = (base or {}).get(name, snapshot_of(referral)[name])
         else:
@@ -428,6 +431,7 @@ def _plan_linked(
         if decision.label is not None:
             crm_stage = decision.label
             rule = decision.resolution.rule if decision.resolution else "reverse"
+            rule = f"{rule} (Partner Center {pc_key.value})"
             explanations.append(("stage", Direction.TO_CRM.value, facts.stage_label, decision.label, rule))
         if decision.refusal is not None:
             refusals.append(decision.refusal)

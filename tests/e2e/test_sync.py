@@ -4,6 +4,7 @@ HTTPS against the twins, with SQLite and PostgreSQL state."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,66 @@ def test_closed_referral_refuses_crm_edits_and_says_why(
     assert "terminal-immutable" in sf.tables["Opportunity"][opp][STATUS_FIELD]
     assert any(rule == "terminal-immutable" for _, rule, _ in report.problems)
     assert datetime.now(UTC)  # keeps the import honest for the time helpers above
+
+
+def _edit_notes(pc: PartnerCenterTwin, rid: str, notes: str) -> None:
+    with pc._store:  # a Microsoft-side edit
+        doc = pc.referrals[rid]
+        doc["details"]["notes"] = notes
+        doc["updatedDateTime"] = pc._now()
+        doc["eTag"] = pc._etag()
+        pc._version += 1
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_manual_conflict_waits_for_a_human_and_their_choice_is_applied(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore, settings: Any
+) -> None:
+    opp = add_opportunity(sf)
+    run()
+    [rid] = pc.referrals
+    sf.update_row("Opportunity", opp, {"Description": "crm notes"})
+    _edit_notes(pc, rid, "pc notes")
+    conn = settings.connections[CONNECTION]
+    policy = conn.policy.model_copy(update={"fields": {"notes": "manual"}})
+    settings.connections[CONNECTION] = conn.model_copy(update={"policy": policy})  # as if configured so
+    report = run()
+    assert report.counts["conflicts"] == 1
+    assert sf.tables["Opportunity"][opp]["Description"] == "crm notes"  # nothing overwritten
+    assert pc.referrals[rid]["details"]["notes"] == "pc notes"
+    [conflict] = store.conflicts(CONNECTION)
+    assert (conflict.field, conflict.crm_value, conflict.pc_value) == ("notes", "crm notes", "pc notes")
+    assert conflict.id is not None
+    store.resolve_conflict(conflict.id, "crm")
+    run()
+    assert pc.referrals[rid]["details"]["notes"] == "crm notes"
+    assert store.conflicts(CONNECTION) == [] and store.conflicts(CONNECTION, state="applied")
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_dead_letter_marked_for_retry_is_retried_whatever_its_count(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    from connector.state import DeadLetter, System
+
+    from datetime import timedelta
+
+    def later() -> None:  # runs a schedule interval apart: past the cursors' lookback overlap
+        sf.clock.advance(timedelta(minutes=10))
+        pc.clock.advance(timedelta(minutes=10))
+
+    opp = add_opportunity(sf)
+    run()
+    later()
+    run()  # reads back our own write-back once (echo), then the book is quiet
+    later()
+    store.add_dead_letter(DeadLetter(CONNECTION, System.CRM, opp, cause="earlier failure", attempts=9))
+    run()
+    later()
+    [letter] = store.dead_letters(CONNECTION)  # out of attempts and unchanged: left for a human
+    assert letter.id is not None
+    store.set_dead_letter_state(letter.id, "retry")  # `cosell dlq retry`
+    run()
+    later()
+    assert store.dead_letters(CONNECTION) == [] and store.dead_letters(CONNECTION, state="retry") == []
+    assert len(pc.referrals) == 1
