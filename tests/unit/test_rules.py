@@ -392,3 +392,11 @@ def test_private_deals_never_register() -> None:
 def test_co_sell_registers_once_microsoft_accepted() -> None:
     d = deal(deal_type=DealType.CO_SELL, microsoft_status=MicrosoftStatus.ACCEPTED, **WON)
     assert rules.registration_refusals(d, datetime(2026, 6, 1, tzinfo=UTC)) == []
+
+
+def test_accepting_with_a_first_stage_is_one_allowed_change() -> None:
+    before = inbound(sales_stage=None)
+    after = replace(before, status=Status.ACTIVE, substatus=Substatus.ACCEPTED, sales_stage=StandardStage.QUALIFIED)
+    assert rules.check_update(before, after) == []
+    still_new = replace(before, sales_stage=StandardStage.QUALIFIED)
+    assert "stage-needs-accepted" in rule_ids(rules.check_update(before, still_new))
