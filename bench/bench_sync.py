@@ -1,4 +1,5 @@
-"""Sync engine cost on the twins: initial sync, an idle run, and a run with 1% changed.
+"""Sync engine cost on the twins: initial sync, the run that reads its writes back, an idle run, and a
+run with 1% changed.
 
 Prints, per book size: wall time, peak RSS, and API calls by system and operation for each run, and
 the request rate of the initial sync against a bare httpx client hitting the same twin. Asserts
@@ -97,6 +98,7 @@ def bench(n: int, workdir: Path) -> None:
 
                 print(f"book of {n:,} opportunities")
                 one_run("initial sync")
+                one_run("echo run")  # reads the initial sync's own writes back once: no write follows
                 one_run("idle run")
                 changed = list(sf.tables["Opportunity"])[: max(1, n // 100)]
                 for opp in changed:

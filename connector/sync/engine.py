@@ -317,8 +317,9 @@ class SyncEngine:
             self._fail(System.CRM if crm else System.PARTNER_CENTER, record, exc)
             return []
         name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
-        if plan.is_noop:
-            report.counts["unchanged"] += 1
+        already_said = plan.skipped and link is not None and link.status_detail == f"skipped: {plan.skipped}"
+        if plan.is_noop or (already_said and not (plan.pc_ops or plan.crm_changes or plan.crm_stage)):
+            report.counts["skipped" if plan.skipped else "unchanged"] += 1
             if not report.dry_run:
                 self._clear_dead(crm.crm_id if crm else None, referral.referral_id if referral else None)
             return []
