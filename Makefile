@@ -13,8 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cosell --version
-	$(BIN)/cosell mappings check
+	$(BIN)/cosell demo --dir .cosell/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check connector tests bench

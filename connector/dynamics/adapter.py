@@ -46,6 +46,7 @@ from connector.domain.codes import ISO_3166_ALPHA2, ISO_4217
 from connector.domain.model import (
     Address,
     Contact,
+    CrmStageInfo,
     Customer,
     Deal,
     DealType,
@@ -869,6 +870,17 @@ class DynamicsAdapter:
         if state != STATE_OPEN and reason is not None and reason in meta.statuscode:
             status_reason = meta.statuscode[reason][0]
         etag = row.get("@odata.etag")
+        modified = _parse_dt(row["modifiedon"]) if row.get("modifiedon") else None
+        crm_stage = (
+            CrmStageInfo(
+                label,
+                probability=_int(row.get("closeprobability")),
+                modified=modified,
+                lost_reason=status_reason if state == STATE_LOST else None,
+            )
+            if label is not None
+            else None
+        )
         return Deal(
             name=name,
             direction=o.direction,
@@ -887,8 +899,9 @@ class DynamicsAdapter:
             team=self._team(row, ctx),
             solutions=self._solutions(row, ctx),
             created_at=_parse_dt(row["createdon"]) if row.get("createdon") else None,
-            updated_at=_parse_dt(row["modifiedon"]) if row.get("modifiedon") else None,
+            updated_at=modified,
             version=VersionTag(SYSTEM, str(etag)) if etag else None,
+            crm_stage=crm_stage,
         )
 
     def _customer(self, row: Mapping[str, Any], ctx: _Related, rid: str) -> Customer | None:

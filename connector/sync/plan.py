@@ -347,8 +347,12 @@ def _plan_linked(
             referral,
             share_with_microsoft=referral.share_with_microsoft or crm.share_with_microsoft,
             help_requested=referral.help_requested or crm.help_requested,
-            customer_contact=referral.customer_contact or crm.customer_contact,
-            contact_consent=referral.contact_consent or crm.contact_consent,
+            # The customer contact goes to Partner Center only with the customer's consent and only
+            # when Microsoft's help is asked (cosell-domain.md "Deal fields").
+            customer_contact=referral.customer_contact
+            or (crm.customer_contact if crm.help_requested is not None and crm.contact_consent else None),
+            contact_consent=referral.contact_consent
+            or (crm.contact_consent and crm.help_requested is not None),
         )
         upgraded = replace(upgraded, deal_type=rules.derive_deal_type(upgraded))
         if upgraded != referral:

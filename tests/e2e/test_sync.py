@@ -3,14 +3,14 @@ HTTPS against the twins, with SQLite and PostgreSQL state."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.salesforce.twin import SalesforceTwin
-from connector.state import SqlStateStore
+from connector.state import DeadLetter, SqlStateStore, System
 from tests.e2e.conftest import CONNECTION, Run
 
 REFERRAL_FIELD = "Partner_Center_Referral_Id__c"
@@ -218,10 +218,6 @@ def test_a_manual_conflict_waits_for_a_human_and_their_choice_is_applied(
 def test_a_dead_letter_marked_for_retry_is_retried_whatever_its_count(
     run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
 ) -> None:
-    from connector.state import DeadLetter, System
-
-    from datetime import timedelta
-
     def later() -> None:  # runs a schedule interval apart: past the cursors' lookback overlap
         sf.clock.advance(timedelta(minutes=10))
         pc.clock.advance(timedelta(minutes=10))

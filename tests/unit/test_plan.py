@@ -246,3 +246,13 @@ def test_outbound_private_upgrades_to_partner_led_then_co_sell() -> None:
         MAPPING,
     )
     assert not plan3.pc_ops and "share-no-downgrade" in [r.rule for r in plan3.refusals]
+
+
+def test_pairing_never_copies_a_customer_contact_without_consent_and_help() -> None:
+    from tests.unit.factories import BUYER
+
+    ref = deal()
+    crm = replace(ref, customer_contact=BUYER)  # the CRM knows a contact; no help asked, no consent
+    plan = plan_pair(crm, CrmFacts("Needs Analysis"), ref, base_of("Needs Analysis", ref), MAPPING)
+    assert all(op.after.customer_contact is None for op in plan.pc_ops)
+    assert plan.is_noop

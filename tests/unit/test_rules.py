@@ -396,7 +396,9 @@ def test_co_sell_registers_once_microsoft_accepted() -> None:
 
 def test_accepting_with_a_first_stage_is_one_allowed_change() -> None:
     before = inbound(sales_stage=None)
-    after = replace(before, status=Status.ACTIVE, substatus=Substatus.ACCEPTED, sales_stage=StandardStage.QUALIFIED)
+    after = replace(
+        before, status=Status.ACTIVE, substatus=Substatus.ACCEPTED, sales_stage=StandardStage.QUALIFIED
+    )
     assert rules.check_update(before, after) == []
     still_new = replace(before, sales_stage=StandardStage.QUALIFIED)
     assert "stage-needs-accepted" in rule_ids(rules.check_update(before, still_new))
