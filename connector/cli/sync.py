@@ -138,6 +138,8 @@ def sync(
                 console.print(_plan_table(report))
             for record, cause, message in report.problems:
                 console.print(f"{name}: {record}: {cause}: {message}")
+            for kind, record, detail in report.drift:
+                console.print(f"{name}: reconciliation found {kind}: {record}: {detail}")
             if report.counts["failed"] or report.counts["blocked"]:
                 worst = max(worst, EXIT_RECORDS)
             results.append((report, calls))

@@ -75,6 +75,8 @@ class RunReport:
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (record, cause, message)
     planned: list[PlannedRecord] = field(default_factory=list)
     full_resync: bool = False
+    #: full reconciliation only: (kind, record, detail) — what the cursors alone had missed
+    drift: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def outcome(self) -> str:
@@ -124,6 +126,9 @@ class SyncEngine:
         self._report: RunReport | None = None
         self._touched_crm: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
+        self._seen_referrals: set[str] = set()
+        self._seen_opportunities: set[str] = set()
+        self._by_reference: dict[str, list[str]] = {}
         #: record id -> field -> (policy, conflict id): human decisions from `cosell conflicts resolve`
         self._resolutions: dict[str, dict[str, tuple[Policy, int]]] = {}
 
@@ -167,8 +172,12 @@ class SyncEngine:
                     self._replay_outbox()
                     self._retry_dead_letters()
                 self._reconcile_resolved()
+                self._seen_referrals, self._seen_opportunities, self._by_reference = set(), set(), {}
+                counts_before = Counter(report.counts)
                 self._pc_phase(full)
                 self._crm_phase(full)
+                if full:
+                    self._drift_report(counts_before)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise
@@ -204,6 +213,8 @@ class SyncEngine:
         for page in self.pc.changes(cursor):
             report.full_resync |= page.full_resync
             self._failures(System.PARTNER_CENTER, page.failures)
+            if full:
+                self._census(page.deals, self._seen_referrals, "referral_id")
             self._reconcile_referrals(list(page.deals))
             self._commit_cursor(PC_CURSOR, page.cursor)
 
@@ -213,11 +224,53 @@ class SyncEngine:
         for page in self.crm.changes(cursor):
             report.full_resync |= page.full_resync
             self._failures(System.CRM, page.failures)
+            if full:
+                self._census(page.deals, self._seen_opportunities, "crm_id")
             deals = [d for d in page.deals if d.crm_id and d.crm_id not in self._touched_crm]
             self._reconcile_opportunities(deals)
             for gone in page.deleted_ids:
                 self._crm_deleted(gone)
             self._commit_cursor(CRM_CURSOR, page.cursor)
+
+    def _census(self, deals: Sequence[Deal], seen: set[str], attr: str) -> None:
+        """Full reconciliation: remember every id seen, and which referrals claim each CRM id."""
+        for deal in deals:
+            ident = getattr(deal, attr)
+            if ident:
+                seen.add(ident)
+            if attr == "referral_id" and deal.external_reference_id and deal.referral_id:
+                self._by_reference.setdefault(deal.external_reference_id, []).append(deal.referral_id)
+
+    def _drift_report(self, before: Counter[str]) -> None:
+        """What a full comparison found that the cursors alone had not: duplicates (several referrals
+        for one opportunity), orphans (a link whose side is gone or out of scope), and drift (pairs
+        the full run had to change). Reported, never silently fixed by deleting anything."""
+        report = self._need_report()
+        reported = {record for kind, record, _ in report.drift if kind == "duplicate"}
+        for crm_id, referral_ids in self._by_reference.items():
+            if len(referral_ids) > 1 and crm_id not in reported:
+                detail = f"{len(referral_ids)} referrals carry this CRM id: {', '.join(sorted(referral_ids))}"
+                self._finding("duplicate", crm_id, detail)
+        for link in self.store.iter_links(self.name):
+            if link.status == "orphaned":
+                continue
+            if link.referral_id and link.referral_id not in self._seen_referrals:
+                report.drift.append(
+                    ("orphan", link.referral_id, "the referral is no longer visible in Partner Center")
+                )
+            if link.crm_id and link.crm_id not in self._seen_opportunities and link.referral_id:
+                report.drift.append(("orphan", link.crm_id, "the opportunity is gone or no longer opted in"))
+        changed = sum(
+            report.counts[k] - before[k] for k in ("pc_updated", "crm_updated", "pc_created", "crm_created")
+        )
+        if changed:
+            self._finding("drift", "-", f"{changed} change(s) the incremental runs had missed")
+
+    def _finding(self, kind: str, record: str, detail: str) -> None:
+        report = self._need_report()
+        report.drift.append((kind, record, detail))
+        report.counts[kind] += 1
+        log.warning("reconcile.finding", connection=self.name, kind=kind, record_id=record, detail=detail)
 
     def _targeted(self, crm_id: str | None, referral_id: str | None) -> None:
         if referral_id:
@@ -244,6 +297,14 @@ class SyncEngine:
             crm_id = link.crm_id if link else (referral.external_reference_id or None)
             if link is None and crm_id:
                 link = self.store.link_by_crm(self.name, crm_id)
+                if link is not None and link.referral_id and link.referral_id != referral.referral_id:
+                    # The opportunity is already paired with another referral: this one is a duplicate
+                    # (registered twice, or by hand). Never re-pair or write it; report it for a human.
+                    self._finding(
+                        "duplicate", crm_id, f"referral {referral.referral_id} also carries this CRM id; "
+                        f"it stays paired with {link.referral_id}",
+                    )  # fmt: skip
+                    continue
             pairs.append((referral, link, crm_id))
         wanted = sorted({c for _, _, c in pairs if c})
         opportunities = {d.crm_id: d for d in self._get_crm(wanted)} if wanted else {}

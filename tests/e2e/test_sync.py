@@ -237,3 +237,32 @@ def test_a_dead_letter_marked_for_retry_is_retried_whatever_its_count(
     later()
     assert store.dead_letters(CONNECTION) == [] and store.dead_letters(CONNECTION, state="retry") == []
     assert len(pc.referrals) == 1
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_full_reconciliation_reports_duplicates_orphans_and_drift(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    a, b, c = (add_opportunity(sf, name=f"Deal {i}") for i in range(3))
+    run()
+    by_ref = {doc["externalReferenceId"]: rid for rid, doc in pc.referrals.items()}
+    # a second referral for opportunity a (someone registered it by hand), one referral gone from view,
+    # and a change nobody told the cursors about (written straight into the twin's store)
+    import copy
+
+    twin_doc = copy.deepcopy(pc.referrals[by_ref[a]])
+    twin_doc["id"] = "00000000-0000-4000-8000-00000000dup1"
+    pc.put(twin_doc)
+    with pc._store:
+        del pc.referrals[by_ref[b]]
+        pc.referrals[by_ref[c]]["details"]["notes"] = "edited where no cursor looks"
+    report = run(full=True)
+    kinds = {(kind, record) for kind, record, _ in report.drift}
+    assert ("duplicate", a) in kinds
+    assert ("orphan", by_ref[b]) in kinds
+    assert any(kind == "drift" for kind, _, _ in report.drift)
+    assert sf.tables["Opportunity"][c]["Description"] == "edited where no cursor looks"
+    # the duplicate is reported, never paired: opportunity a stays with its original referral
+    link = store.link_by_crm(CONNECTION, a)
+    assert link is not None and link.referral_id == by_ref[a]
+    assert pc.referrals["00000000-0000-4000-8000-00000000dup1"]["externalReferenceId"] == a
