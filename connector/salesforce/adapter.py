@@ -112,6 +112,10 @@ DEFAULT_FIELDS: Mapping[str, str] = {
     "last_sync": "Partner_Center_Last_Sync__c",
     "audit": "Partner_Center_Audit__c",
     "help_type": "Partner_Center_Help_Type__c",
+    # checkboxes: "Microsoft sellers may view this deal" (partner-led) and the customer's consent to
+    # share its contact with Microsoft (needed for co-sell; cosell-domain.md "Deal fields")
+    "visibility": "Partner_Center_Visibility__c",
+    "contact_consent": "Partner_Center_Contact_Consent__c",
     "solutions": "",  # a multi-select picklist of solution codes; empty = OpportunityLineItem.ProductCode
     "account_duns": "DunsNumber",
     "notes": "Description",
@@ -687,6 +691,10 @@ class SalesforceAdapter:
             return
         yield from self._pull_rest(run, base, fields, prev, full, deleted, final)
 
+    def _flag(self, rec: Mapping[str, Any], role: str) -> bool:
+        name = self.fields[role]
+        return bool(name and rec.get(name))
+
     def _opp_fields(self, run: _Run) -> tuple[str, ...]:
         wanted = list(_OPP_BASE)
         for name in (
@@ -695,6 +703,8 @@ class SalesforceAdapter:
             self.fields["campaign"],
             self.fields["referral_id"],
             self.fields["help_type"],
+            self.fields["visibility"],
+            self.fields["contact_consent"],
             self.fields["solutions"],
             self.fields["lost_reason"],
         ):
@@ -976,7 +986,9 @@ class SalesforceAdapter:
             name=str(rec.get("Name") or ""),
             direction=Direction.OUTBOUND,
             # Asking Microsoft for help makes it co-sell (cosell-domain.md "Deal types").
-            deal_type=DealType.CO_SELL if help_type is not None else self._default_deal_type,
+            deal_type=DealType.CO_SELL
+            if help_type is not None
+            else (DealType.PARTNER_LED if self._flag(rec, "visibility") else self._default_deal_type),
             status=status,
             substatus=substatus,
             referral_id=(
@@ -993,7 +1005,8 @@ class SalesforceAdapter:
             team=self._team(rec, rel),
             solutions=self._solutions_of(rid, rec, rel),
             help_requested=help_type,
-            share_with_microsoft=help_type is not None,
+            share_with_microsoft=help_type is not None or self._flag(rec, "visibility"),
+            contact_consent=self._flag(rec, "contact_consent"),
             created_at=parse_sf_datetime(rec["CreatedDate"]) if rec.get("CreatedDate") else None,
             updated_at=stamp,
             version=VersionTag(SYSTEM, _iso(modified)),

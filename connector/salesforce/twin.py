@@ -138,6 +138,8 @@ def _schema(multi_currency: bool, country_picklists: bool) -> dict[str, dict[str
         _f("Partner_Center_Last_Sync__c", "datetime"),
         _f("Partner_Center_Audit__c", "string", length=255),
         _f("Partner_Center_Help_Type__c", "picklist", picklist=HELP_TYPES, restricted=True),
+        _f("Partner_Center_Visibility__c", "boolean"),
+        _f("Partner_Center_Contact_Consent__c", "boolean"),
         _f("Partner_Center_Solutions__c", "multipicklist"),
     ]
     if multi_currency:
