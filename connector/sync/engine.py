@@ -31,6 +31,7 @@ import structlog
 from connector.domain.merge import Policy, values_hash
 from connector.domain.model import Deal
 from connector.errors import ConflictError, RecordError, RuleViolation
+from connector.logs import _scrub
 from connector.mappings import MappingSet
 from connector.seams import CrmAdapter, CrmChange, RecordFailure, ReferralStore
 from connector.settings import Connection
@@ -282,7 +283,13 @@ class SyncEngine:
         if self._need_report().dry_run:
             return
         # Renew the lease at every page: a long run keeps it, a killed one loses it within lease_ttl.
-        self.store.acquire_lease(self.name, self.holder, self.lease_ttl)
+        # A run that stalled past its lease has been taken over: it must stop writing at once.
+        if not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
+            from connector.errors import RetryLater
+
+            raise RetryLater(
+                f"connection {self.name}: the run lease was taken over; stopping this run", system="state"
+            )
         if cursor is not None:
             self.store.set_cursor(self.name, source, cursor)
 
@@ -309,18 +316,40 @@ class SyncEngine:
         wanted = sorted({c for _, _, c in pairs if c})
         opportunities = {d.crm_id: d for d in self._get_crm(wanted)} if wanted else {}
         pending: list[_Pending] = []
-        for referral, link, crm_id in pairs:
-            crm = opportunities.get(crm_id) if crm_id else None
-            if crm_id and crm is None and link is not None and link.crm_id:
-                self._orphan(link, f"opportunity {crm_id} is gone or no longer opted in")
-                continue
-            if crm is not None and crm.crm_id:
-                self._touched_crm.add(crm.crm_id)
-            pending += self._reconcile(crm, referral, link)
+        try:
+            for referral, link, crm_id in pairs:
+                crm = opportunities.get(crm_id) if crm_id else None
+                if crm_id and crm is None and link is not None and link.crm_id:
+                    self._orphan(link, f"opportunity {crm_id} is gone or no longer opted in")
+                    continue
+                if crm_id and crm is None:
+                    # The referral names an opportunity we could not read (malformed id, unreadable
+                    # record, out of scope): creating another one would duplicate the deal.
+                    why = f"its externalReferenceId names opportunity {crm_id}, which could not be read"
+                    self._fail(
+                        System.PARTNER_CENTER,
+                        referral.referral_id or "?",
+                        RecordError(why, cause="crm-reference-unreadable"),
+                    )
+                    continue
+                if crm is not None and crm.crm_id:
+                    self._touched_crm.add(crm.crm_id)
+                pending += self._reconcile(crm, referral, link)
+        except Exception:
+            self._flush(pending)  # what was already written to Partner Center keeps its new base
+            raise
         self._flush(pending)
 
     def _reconcile_opportunities(self, opportunities: Sequence[Deal]) -> None:
         pending: list[_Pending] = []
+        try:
+            self._reconcile_opportunities_into(opportunities, pending)
+        except Exception:
+            self._flush(pending)  # what was already written to Partner Center keeps its new base
+            raise
+        self._flush(pending)
+
+    def _reconcile_opportunities_into(self, opportunities: Sequence[Deal], pending: list[_Pending]) -> None:
         for crm in opportunities:
             assert crm.crm_id is not None
             link = self.store.link_by_crm(self.name, crm.crm_id)
@@ -332,19 +361,20 @@ class SyncEngine:
                     self._fail(System.PARTNER_CENTER, link.referral_id, exc, crm_id=crm.crm_id)
                     continue
             pending += self._reconcile(crm, referral, link)
-        self._flush(pending)
 
     def _get_crm(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
         try:
             return self.crm.get(crm_ids)
-        except RecordError as exc:  # one malformed id must not sink the page: read them one by one
+        except (RecordError, ValueError) as exc:  # one malformed id must not sink the page: one by one
             out: list[Deal] = []
             for crm_id in crm_ids:
                 try:
                     out += self.crm.get([crm_id])
-                except RecordError as inner:
-                    self._fail(System.CRM, crm_id, inner)
-            log.info("crm.get_isolated", connection=self.name, cause=exc.cause)
+                except (RecordError, ValueError) as inner:
+                    log.info(
+                        "crm.get_refused", connection=self.name, crm_id=crm_id, error=type(inner).__name__
+                    )
+            log.info("crm.get_isolated", connection=self.name, error=type(exc).__name__)
             return out
 
     # --- one pair ---------------------------------------------------------------------------------
@@ -361,6 +391,8 @@ class SyncEngine:
         policies = {**self.policies, **{f: p for f, (p, _) in decided.items()}}
         try:
             facts = CrmFacts.of(crm) if crm is not None else None
+            if facts is not None and facts.lost_reason:
+                facts = replace(facts, lost_reason=self._reason(facts.lost_reason))
             plan = plan_pair(
                 crm,
                 facts,
@@ -375,7 +407,7 @@ class SyncEngine:
                 crm_readonly=self.crm.write_unsupported,
             )
         except RecordError as exc:
-            self._fail(System.CRM if crm else System.PARTNER_CENTER, record, exc)
+            self._fail(*self._retry_key(crm, referral), exc)
             return []
         name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
         already_said = plan.skipped and link is not None and link.status_detail == f"skipped: {plan.skipped}"
@@ -401,13 +433,28 @@ class SyncEngine:
                 fresh = self.pc.get(referral.referral_id)
                 return self._reconcile(crm, fresh, link, depth=1)
             self._fail(
-                System.PARTNER_CENTER, record, RecordError(str(exc), record_id=record, cause="pc-conflict")
+                *self._retry_key(crm, referral), RecordError(str(exc), record_id=record, cause="pc-conflict")
             )
         except RuleViolation as exc:
             self._blocked(crm, referral, link, [(exc.rule, str(exc))])
         except RecordError as exc:
-            self._fail(System.PARTNER_CENTER if referral else System.CRM, record, exc)
+            self._fail(*self._retry_key(crm, referral), exc)
         return []
+
+    def _reason(self, crm_reason: str) -> str:
+        """The CRM's lost/decline reason in Partner Center's words (the reasons value map)."""
+        try:
+            return self.mappings.values["reasons"].to_partner_center(crm_reason, passthrough=True)
+        except RecordError:
+            return "Others"
+
+    @staticmethod
+    def _retry_key(crm: Deal | None, referral: Deal | None) -> tuple[System, str]:
+        """Where a failed pair is filed so that a retry can read it again: by its opportunity when it
+        has one, else by its referral."""
+        if crm is not None and crm.crm_id:
+            return System.CRM, crm.crm_id
+        return System.PARTNER_CENTER, (referral.referral_id if referral else None) or "?"
 
     def _act(self, crm: Deal | None, referral: Deal | None, link: Link | None, plan: PairPlan) -> _Pending:
         report = self._need_report()
@@ -657,11 +704,17 @@ class SyncEngine:
         for letter in {(x.system, x.record_id): x for x in [*asked, *due]}.values():
             try:
                 if letter.system is System.CRM:
-                    self._reconcile_opportunities(list(self.crm.get([letter.record_id])))
+                    found = self._get_crm([letter.record_id])
+                    if not found:
+                        raise RecordError(
+                            f"opportunity {letter.record_id} could not be read", cause="crm-unreadable"
+                        )
+                    self._reconcile_opportunities(list(found))
                 else:
                     self._reconcile_referrals([self.pc.get(letter.record_id)])
-            except RecordError as exc:
-                self._fail(letter.system, letter.record_id, exc)
+            except (RecordError, ValueError) as exc:
+                error = exc if isinstance(exc, RecordError) else RecordError(str(exc), cause="bad-id")
+                self._fail(letter.system, letter.record_id, error)
 
     def _fail(self, system: System, record_id: str, exc: RecordError, crm_id: str | None = None) -> None:
         report = self._need_report()
@@ -673,7 +726,12 @@ class SyncEngine:
         if not report.dry_run:
             self.store.add_dead_letter(
                 DeadLetter(
-                    self.name, system, record_id, cause=exc.cause or type(exc).__name__, detail=str(exc)
+                    self.name,
+                    system,
+                    record_id,
+                    cause=exc.cause or type(exc).__name__,
+                    # error bodies can echo customer data: the stored detail is scrubbed like a log line
+                    detail=str(_scrub(str(exc)))[:2000],
                 )
             )
 
@@ -741,8 +799,8 @@ class SyncEngine:
             action,
             direction,
             fieldname,
-            _jsonable(old),
-            _jsonable(new),
+            _people_safe(fieldname, old),
+            _people_safe(fieldname, new),
             rule,
             crm_id,
             referral.referral_id if referral else None,
@@ -781,6 +839,16 @@ def _audit_line(plan: PairPlan, status: str) -> str:
     if plan.refusals:
         text += f" | {plan.refusals[0].message}"
     return text[:255]
+
+
+PEOPLE_FIELDS = frozenset({"team", "customer_contact"})
+
+
+def _people_safe(fieldname: str, value: Any) -> Any:
+    """Audit rows name who changed, not their details: team members and contacts become counts."""
+    if fieldname in PEOPLE_FIELDS and value is not None:
+        return f"{len(value)} member(s)" if isinstance(value, list | tuple) else "[contact]"
+    return _jsonable(value)
 
 
 def _jsonable(value: Any) -> Any:
