@@ -44,6 +44,7 @@ __all__ = [
     "SalesforceCrm",
     "Settings",
     "SyncPolicy",
+    "WebhookSettings",
     "load_settings",
     "read_secret",
     "read_yaml_file",
@@ -292,6 +293,29 @@ class HttpSettings(_Frozen):
     port: int = Field(default=9464, ge=0, le=65535)
 
 
+class WebhookSettings(_Frozen):
+    """The optional Partner Center webhook receiver on the daemon's HTTP server (partner-center-api.md
+    §10; :mod:`connector.daemon.webhook`). Off by default: the scheduled poll is the sync path, the
+    webhook only makes a referral's change arrive sooner."""
+
+    enabled: bool = False
+    #: POST ``<path>/<connection>`` (or ``<path>`` alone when the daemon runs one connection)
+    path: str = Field(default="/webhooks/partner-center", pattern=r"^/[A-Za-z0-9._~/-]*[A-Za-z0-9._~-]$")
+    #: hosts the signing certificate (``X-MS-Certificate-Url``) may be fetched from, over HTTPS only
+    allowed_certificate_hosts: tuple[str, ...] = ("3psostorageacct.blob.core.windows.net",)
+    #: PEM file of the root certificate(s) the signing certificate must chain to (the Microsoft roots)
+    trusted_roots_file: Path | None = None
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+
+    @model_validator(mode="after")
+    def _roots_when_enabled(self) -> WebhookSettings:
+        if self.enabled and self.trusted_roots_file is None:
+            raise ValueError("enabled needs trusted_roots_file (PEM of the Microsoft root certificates)")
+        if self.enabled and not self.allowed_certificate_hosts:
+            raise ValueError("enabled needs at least one allowed_certificate_hosts entry")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -308,6 +332,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     tls: TlsSettings = TlsSettings()
     http: HttpSettings = HttpSettings()
+    webhook: WebhookSettings = WebhookSettings()
     connections: dict[Annotated[str, Field(pattern=CONNECTION_NAME.pattern)], Connection] = Field(
         default_factory=dict
     )

@@ -1,5 +1,6 @@
 """``cosell run``: the daemon. Every enabled connection on its schedule, ``/healthz``, ``/readyz`` and
-``/metrics`` on ``http.host``:``http.port``, until SIGTERM or SIGINT.
+``/metrics`` on ``http.host``:``http.port`` (plus the Partner Center webhook receiver when
+``webhook.enabled``), until SIGTERM or SIGINT.
 
 On a signal it takes no new work, lets the runs in flight finish for up to ``--grace`` seconds, and
 exits 0 (a second signal stops the wait). A run still in flight after the grace period is abandoned
@@ -26,6 +27,7 @@ import typer
 from connector.daemon.http import HealthServer
 from connector.daemon.metrics import Metrics
 from connector.daemon.scheduler import Daemon, connection_names
+from connector.daemon.webhook import WebhookReceiver
 from connector.errors import ConfigError, ConfigProblem
 from connector.logs import configure_logging
 from connector.state import open_store
@@ -79,8 +81,12 @@ def run(
     names = connection_names(settings, connection)  # config problems first, before any state exists
     store = open_store(settings.state_url)  # applies pending migrations; unreachable -> exit 3
     metrics = Metrics()
+    webhook: WebhookReceiver | None = None
     try:
         daemon = Daemon(settings, store, connections=names, metrics=metrics)
+        webhook = WebhookReceiver.from_settings(
+            settings, connections=daemon.names, trigger=daemon.request_referral_sync, metrics=metrics
+        )
         http = HealthServer(
             settings.http.host,
             settings.http.port,
@@ -88,11 +94,16 @@ def run(
             metrics=metrics,
             connections=daemon.names,
             status=daemon.status,
+            webhook=webhook,
         )
     except ConfigError:
+        if webhook is not None:
+            webhook.close()
         store.close()
         raise
     except OSError as exc:
+        if webhook is not None:
+            webhook.close()
         store.close()
         raise ConfigError(
             [
@@ -137,6 +148,8 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         http.stop()
+        if webhook is not None:
+            webhook.close()
         store.close()
     raise typer.Exit(0)
 

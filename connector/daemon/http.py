@@ -9,6 +9,8 @@ stdlib ``ThreadingHTTPServer`` in a daemon thread: three read-only endpoints nee
   the daemon's view of it (failures in a row, back-off). 503 when the store is unreachable; a
   failing connection does not make the daemon unready (the others still sync), it is reported.
 - ``/metrics``: the Prometheus text format of the daemon's own registry.
+- ``POST webhook.path[/<connection>]`` (only when ``webhook.enabled``): Partner Center's signed
+  referral events, verified and acted on by :class:`connector.daemon.webhook.WebhookReceiver`.
 
 Error texts go through the log redaction (tokens, e-mail addresses) before they are served.
 """
@@ -19,7 +21,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +29,9 @@ from connector.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from connector.errors import CosellError
 from connector.logs import redact
 from connector.state import StateStore
+
+if TYPE_CHECKING:
+    from connector.daemon.webhook import WebhookReceiver
 
 __all__ = ["HealthServer"]
 
@@ -47,8 +52,10 @@ class HealthServer:
         metrics: Metrics,
         connections: list[str],
         status: StatusProvider | None = None,
+        webhook: WebhookReceiver | None = None,
     ) -> None:
         self.store = store
+        self.webhook = webhook
         self.metrics = metrics
         self.connections = connections
         self._status = status or (lambda: {})
@@ -71,7 +78,8 @@ class HealthServer:
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="cosell-http", daemon=True
         )
         self._thread.start()
-        log.info("http.listening", host=self.host, port=self.port, paths=["/healthz", "/readyz", "/metrics"])
+        paths = ["/healthz", "/readyz", "/metrics"] + ([self.webhook.path] if self.webhook else [])
+        log.info("http.listening", host=self.host, port=self.port, paths=paths)
         return self
 
     def stop(self) -> None:
@@ -139,6 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(status, json.dumps(body, indent=2).encode() + b"\n", "application/json")
             elif path == "/metrics":
                 self._send(200, self.owner.metrics.render(), CONTENT_TYPE_LATEST)
+            elif self.owner.webhook is not None and self.owner.webhook.handles(path):
+                self._send(405, b"POST only\n", "text/plain; charset=utf-8", allow="POST")
             else:
                 self._send(
                     404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain; charset=utf-8"
@@ -147,8 +157,27 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("http.error", path=path)
             self._send(500, b"internal error\n", "text/plain; charset=utf-8")
 
-    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        webhook = self.owner.webhook
+        if webhook is None or not webhook.handles(path):
+            self.close_connection = True  # the unread body must not be taken for the next request
+            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+            return
+        try:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status, body = webhook.handle(path, headers, self.rfile)
+        except Exception:  # a bug must answer 500 (Partner Center retries), not kill the thread
+            log.exception("http.error", path=path)
+            status, body = 500, {"error": "internal"}
+        if status >= 400:
+            self.close_connection = True  # a refused body may be left unread on the socket
+        self._send(status, json.dumps(body).encode() + b"\n", "application/json")
+
+    def _send(self, status: int, payload: bytes, content_type: str, *, allow: str | None = None) -> None:
         self.send_response(status)
+        if allow:
+            self.send_header("Allow", allow)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")

@@ -95,6 +95,21 @@ class Metrics:
             ("connection", "system"),
             registry=r,
         )
+        # Webhook deliveries (connector.daemon.webhook). Both label sets are bounded: outcomes and
+        # rejection reasons are fixed words, connections are configured names (never a record id).
+        self.webhook_events = Counter(
+            "cosell_webhook_events",
+            "Verified Partner Center webhook events by connection and outcome "
+            "(queued | duplicate: already queued | ignored: not a referral event | overflow | stopping).",
+            ("connection", "outcome"),
+            registry=r,
+        )
+        self.webhook_rejected = Counter(
+            "cosell_webhook_rejected",
+            "Webhook requests refused: unsigned, forged or malformed (reason is a fixed word).",
+            ("reason",),
+            registry=r,
+        )
         self._outbox_states: dict[str, set[str]] = {}
 
     def declare(self, connection: str) -> None:

@@ -19,6 +19,13 @@ the interval (one minute for cron schedules). The other connections keep their o
 finishes, even with failed records, resets the back-off: record failures are the engine's business
 (dead letters), not the schedule's.
 
+A verified Partner Center webhook event (connector.daemon.webhook) asks for a targeted sync of one
+referral (:meth:`Daemon.request_referral_sync`): the referral id joins the connection's queue (a
+referral already queued is not queued twice) and one ``<name>:referrals`` job drains the queue, one
+``engine.run(referral_id=...)`` at a time, each waiting its turn on the connection's lock like a full
+run. A queued referral is dropped on stop, in back-off or past :data:`MAX_QUEUED_REFERRALS`: webhooks
+are hints, the scheduled poll is the backstop.
+
 Stopping (:meth:`Daemon.stop`) takes no new work, waits a bounded time for runs in flight (the engine
 commits page by page and releases its lease when it returns), then shuts the scheduler down.
 """
@@ -53,7 +60,7 @@ __all__ = ["DAEMON_RETRY_POLICY", "ConnectionStatus", "Daemon", "build_trigger",
 
 log = structlog.get_logger(__name__)
 
-Kind = Literal["incremental", "full"]
+Kind = Literal["incremental", "full", "referral"]
 
 #: Inside the daemon the schedule is the outer retry loop, so one call retries only enough to ride out
 #: a blip; a longer outage fails the run quickly and the connection backs off instead of holding a
@@ -65,6 +72,9 @@ CRON_BACKOFF_BASE = timedelta(minutes=1)
 #: A gated tick may fire a little before the back-off has passed (the trigger's own timing, jitter);
 #: that much early is still on time.
 GATE_SLACK = 0.1
+#: Webhook-triggered referrals waiting per connection; beyond it an event is dropped (the poll sees
+#: the change anyway), so a flood of events cannot grow memory or the run queue without bound.
+MAX_QUEUED_REFERRALS = 1000
 
 
 def build_trigger(schedule: Schedule) -> IntervalTrigger | CronTrigger:
@@ -169,6 +179,11 @@ class Daemon:
         self._abort = threading.Event()
         self._inflight = 0
         self._idle = threading.Condition()
+        # webhook-triggered referrals per connection (a dict as an insertion-ordered set), and the
+        # connections whose drain job is scheduled or running
+        self._queued: dict[str, dict[str, None]] = {n: {} for n in names}
+        self._draining: set[str] = set()
+        self._queue_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             timezone="UTC",
             executors={"default": ThreadPoolExecutor(max_workers=2 * len(names) + 1)},
@@ -265,8 +280,9 @@ class Daemon:
 
     # --- the job ----------------------------------------------------------------------------------
 
-    def run_connection(self, name: str, kind: Kind) -> str:
-        """One scheduled run of ``name``; returns the outcome, or why it was skipped."""
+    def run_connection(self, name: str, kind: Kind, referral_id: str | None = None) -> str:
+        """One scheduled run of ``name`` (``kind`` referral: a targeted sync of ``referral_id``);
+        returns the outcome, or why it was skipped."""
         status = self._status[name]
         if self._stopping.is_set():
             return "skipped:stopping"
@@ -283,7 +299,7 @@ class Daemon:
             status.running = kind
             # every line logged during the run (adapters, sign-in) carries the connection and kind
             with structlog.contextvars.bound_contextvars(connection=name, kind=kind):
-                return self._execute(status, kind)
+                return self._execute(status, kind, referral_id)
         finally:
             status.running = None
             status.lock.release()
@@ -303,13 +319,15 @@ class Daemon:
                 reason=f"{status.running} run in progress",
             )
             return False
-        # a full run is rare: wait for the incremental run to finish rather than lose a day
+        # a full run is rare: wait for the incremental run to finish rather than lose a day; a
+        # targeted run waits too, because the run in progress may have read the referral before the
+        # change its webhook announced
         while not self._stopping.is_set():
             if status.lock.acquire(timeout=0.5):
                 return True
         return False
 
-    def _execute(self, status: ConnectionStatus, kind: Kind) -> str:
+    def _execute(self, status: ConnectionStatus, kind: Kind, referral_id: str | None = None) -> str:
         name = status.name
         started = self._clock()
         calls: CallCounter | None = None
@@ -320,7 +338,10 @@ class Daemon:
             with run_context(self.settings, name, self.store, policy=self.policy, holder=self.holder) as ctx:
                 calls = ctx.calls
                 try:
-                    report = ctx.engine.run(full=kind == "full")
+                    if referral_id is not None:
+                        report = ctx.engine.run(referral_id=referral_id)
+                    else:
+                        report = ctx.engine.run(full=kind == "full")
                 finally:
                     self._record_quota(name, ctx.engine.crm)
             outcome, counts = report.outcome, dict(report.counts)
@@ -372,6 +393,73 @@ class Daemon:
         )
         self._refresh_store_metrics(name)
         return outcome
+
+    # --- webhook-triggered targeted syncs ---------------------------------------------------------
+
+    def request_referral_sync(self, name: str, referral_id: str) -> str:
+        """Queue a targeted sync of ``referral_id`` on connection ``name`` (a webhook's trigger).
+
+        Returns ``queued``, ``duplicate`` (already waiting: one sync will see the latest state),
+        ``overflow`` (queue full; the poll covers it) or ``stopping``. Never blocks on a run."""
+        if name not in self._queued:
+            raise KeyError(name)
+        if self._stopping.is_set():
+            return "stopping"
+        with self._queue_lock:
+            queue = self._queued[name]
+            if referral_id in queue:
+                return "duplicate"
+            if len(queue) >= MAX_QUEUED_REFERRALS:
+                log.warning("daemon.referral_queue_full", connection=name, queued=len(queue))
+                return "overflow"
+            queue[referral_id] = None
+            if name in self._draining:
+                return "queued"
+            self._draining.add(name)
+        self.scheduler.add_job(
+            self._drain_referrals,
+            "date",
+            run_date=datetime.now(UTC),
+            args=(name,),
+            name=f"{name} webhook-triggered referral syncs",
+        )
+        return "queued"
+
+    def queued_referrals(self, name: str) -> list[str]:
+        with self._queue_lock:
+            return list(self._queued.get(name, {}))
+
+    def _drain_referrals(self, name: str) -> None:
+        """The ``<name>:referrals`` job: targeted runs until the connection's queue is empty."""
+        finished = False
+        try:
+            while not self._stopping.is_set():
+                with self._queue_lock:
+                    queue = self._queued[name]
+                    if not queue:
+                        self._draining.discard(name)
+                        finished = True
+                        return
+                    # taken off the queue before the run: an event arriving during the run queues a
+                    # new one, since this run may already have read the referral
+                    referral_id = next(iter(queue))
+                    del queue[referral_id]
+                outcome = self.run_connection(name, "referral", referral_id)
+                if outcome.startswith("skipped"):
+                    log.info(
+                        "daemon.referral_sync_skipped",
+                        connection=name,
+                        referral_id=referral_id,
+                        reason=outcome.removeprefix("skipped:"),
+                    )
+        finally:
+            if not finished:  # stopping, or a crash: let a later event schedule a new drain job
+                with self._queue_lock:
+                    dropped = len(self._queued[name])
+                    self._queued[name].clear()
+                    self._draining.discard(name)
+                if dropped:
+                    log.info("daemon.referral_syncs_dropped", connection=name, count=dropped)
 
     def _record_quota(self, name: str, crm: object) -> None:
         budget = getattr(crm, "budget", None)  # only the Salesforce adapter reports its org's quota

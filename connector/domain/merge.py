@@ -153,6 +153,20 @@ def merge(
             changes.append(FieldChange(name, Direction.TO_PARTNER_CENTER, p, c, "changed in CRM"))
             new_base[name] = c
             continue
+        if b is _MISSING and (_empty(c) or _empty(p)):
+            # Never synced: an empty value on one side is "not filled in yet", not "cleared" — it must
+            # not wipe the other side's (a first pairing once erased Partner Center's notes this way).
+            if _empty(c):
+                changes.append(
+                    FieldChange(name, Direction.TO_CRM, c, p, "first pairing: only Partner Center has it")
+                )
+                new_base[name] = p
+            else:
+                changes.append(
+                    FieldChange(name, Direction.TO_PARTNER_CENTER, p, c, "first pairing: only the CRM has it")
+                )
+                new_base[name] = c
+            continue
         decided = _decide(name, c, p, policies.get(name, default_policy), crm_modified, pc_modified)
         if decided is None:
             conflicts.append(FieldConflict(name, None if b is _MISSING else b, c, p))
@@ -175,6 +189,10 @@ def merge(
 
 
 _MISSING: Any = object()
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == []
 
 
 def _decide(

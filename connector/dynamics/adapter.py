@@ -309,8 +309,15 @@ class DynamicsAdapter:
         self._currencies: dict[str, str] = {}  # transactioncurrencyid -> ISO code (stable)
         self._tracking_known_off = not options.change_tracking
 
-    #: canonical fields apply() cannot write yet: the engine lets them flow to Partner Center only
-    write_unsupported: frozenset[str] = frozenset({"team", "solutions"})
+    @property
+    def write_unsupported(self) -> frozenset[str]:
+        """Canonical fields apply() cannot write yet: the engine lets them flow to Partner Center only
+        (and without a referral-id column, the referral id cannot be written back at all)."""
+        unsupported = {"team", "solutions"}
+        if not self.options.referral_id_field:
+            unsupported.add("referral_id")
+        return frozenset(unsupported)
+
     #: If-Match writes still go in one $batch, so the engine may send every write conditionally
     conditional_writes_batched = True
 

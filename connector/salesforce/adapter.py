@@ -385,6 +385,9 @@ class SalesforceAdapter:
         unsupported = {"team"}  # OpportunityTeamMember writes (users by email) are not built yet
         if not self.fields["solutions"]:
             unsupported.add("solutions")  # line items need a price book; only a multi-select is written
+        if self._run is not None and "CurrencyIsoCode" not in self._run.opp_fields:
+            # single-currency org: reads report the org's currency; writing Partner Center's would fail
+            unsupported.add("currency")
         return frozenset(unsupported)
 
     def close(self) -> None:

@@ -405,6 +405,7 @@ class SyncEngine:
                 create_opportunities=self.connection.policy.create_opportunities,
                 location_id=self.connection.partner_center.location_id,
                 crm_readonly=self.crm.write_unsupported,
+                pc_readonly=frozenset() if getattr(self.pc, "patch_name", False) else frozenset({"name"}),
             )
         except RecordError as exc:
             self._fail(*self._retry_key(crm, referral), exc)

@@ -140,10 +140,16 @@ def _apply_fields(deal: Deal, values: Mapping[str, Any]) -> Deal:
     if "campaign_id" in values:
         changes["campaign_id"] = values["campaign_id"]
     if "team" in values:
-        changes["team"] = tuple(
-            Contact(m["first_name"], m["last_name"], email=m["email"], phone=m["phone"])
-            for m in values["team"]
-        )
+        # keep what the snapshot does not carry (a member's title) from the deal's own members
+        members = {m.key: m for m in deal.team}
+        team = []
+        for m in values["team"]:
+            key = m["email"] or f"{m['first_name']} {m['last_name']}".strip().lower()
+            title = members[key].title if key in members else ""
+            team.append(
+                Contact(m["first_name"], m["last_name"], email=m["email"], phone=m["phone"], title=title)
+            )
+        changes["team"] = tuple(team)
     if "solutions" in values:
         known = {s.id: s for s in deal.solutions}
         changes["solutions"] = tuple(
@@ -165,6 +171,7 @@ def plan_pair(
     create_opportunities: bool = True,
     location_id: str | None = None,
     crm_readonly: frozenset[str] = frozenset(),
+    pc_readonly: frozenset[str] = frozenset(),
 ) -> PairPlan:
     """Plan one pair. ``crm`` None = a referral with no opportunity yet; ``referral`` None = an
     opted-in opportunity with no referral yet; ``base`` None = never synced."""
@@ -174,7 +181,9 @@ def plan_pair(
     if crm is None:
         return _plan_create_opportunity(referral, mapping, create_opportunities, crm_readonly)
     assert facts is not None
-    return _plan_linked(crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly)
+    return _plan_linked(
+        crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly, pc_readonly
+    )
 
 
 def _plan_create_referral(
@@ -254,6 +263,7 @@ def _plan_linked(
     policies: Mapping[str, Policy],
     default_policy: Policy,
     crm_readonly: frozenset[str] = frozenset(),
+    pc_readonly: frozenset[str] = frozenset(),
 ) -> PairPlan:
     explanations: list[tuple[str, str, Any, Any, str]] = []
     refusals: list[Refusal] = []
@@ -282,9 +292,16 @@ def _plan_linked(
     new_base = dict(fields_plan.base)
     for name in crm_readonly:
         new_base[f"crm:{name}"] = crm_snapshot.get(name)
-    to_pc = fields_plan.toward(Direction.TO_PARTNER_CENTER)
+    # Fields Partner Center cannot be written (the name, unless /name is enabled) keep Partner
+    # Center's value as their base: a CRM rename is not sent, and is not "undone" next run either.
+    pc_snapshot = snapshot_of(referral)
+    for name in pc_readonly:
+        new_base[name] = pc_snapshot.get(name)
+    to_pc = {k: v for k, v in fields_plan.toward(Direction.TO_PARTNER_CENTER).items() if k not in pc_readonly}
     for change in fields_plan.changes:
         if change.direction is Direction.TO_CRM and change.field in crm_readonly:
+            continue
+        if change.direction is Direction.TO_PARTNER_CENTER and change.field in pc_readonly:
             continue
         explanations.append((change.field, change.direction.value, change.old, change.new, change.rule))
     refused_fields: set[str] = set()
@@ -335,33 +352,27 @@ def _plan_linked(
 
     # ... and the opportunity carries the referral id (read back from the CRM, so a write-back lost
     # to a crash is noticed and made again)
-    if referral.referral_id and crm.referral_id != referral.referral_id:
+    if referral.referral_id and crm.referral_id != referral.referral_id and "referral_id" not in crm_readonly:
         crm_changes["referral_id"] = referral.referral_id
         explanations.append(
             ("referral_id", Direction.TO_CRM.value, crm.referral_id, referral.referral_id, "pairing")
         )
 
-    # --- deal type: the CRM's visibility/help answers upgrade the referral, never downgrade it
+    # --- deal type: the CRM's visibility/help answers upgrade the referral, never downgrade it.
+    # Only "Microsoft sellers may view this deal" has a PATCH path (partner-center-api.md §5.3); help
+    # asked of Microsoft (and the contact it needs) cannot be added to an existing referral through
+    # the API, so that upgrade is reported for a person to make in Partner Center, and it never
+    # holds back the other changes of the record.
     if not referral.is_terminal:
-        upgraded = replace(
-            referral,
-            share_with_microsoft=referral.share_with_microsoft or crm.share_with_microsoft,
-            help_requested=referral.help_requested or crm.help_requested,
-            # The customer contact goes to Partner Center only with the customer's consent and only
-            # when Microsoft's help is asked (cosell-domain.md "Deal fields").
-            customer_contact=referral.customer_contact
-            or (crm.customer_contact if crm.help_requested is not None and crm.contact_consent else None),
-            contact_consent=referral.contact_consent
-            or (crm.contact_consent and crm.help_requested is not None),
-        )
-        upgraded = replace(upgraded, deal_type=rules.derive_deal_type(upgraded))
-        if upgraded != referral:
-            refused = [r for r in rules.check_update(referral, upgraded) if r.rule != "immutable-field"]
+        if crm.share_with_microsoft and not referral.share_with_microsoft:
+            upgraded = replace(referral, share_with_microsoft=True)
+            upgraded = replace(upgraded, deal_type=rules.derive_deal_type(upgraded))
+            refused = rules.check_update(referral, upgraded)
             if refused:
                 refusals += refused
             else:
                 rule = f"upgrade: {referral.deal_type.value} -> {upgraded.deal_type.value}"
-                pc_ops.append(PcOp(PcOpKind.PATCH, upgraded, rule, ("deal_type",)))
+                pc_ops.append(PcOp(PcOpKind.PATCH, upgraded, rule, ("share_with_microsoft",)))
                 explanations.append(
                     (
                         "deal_type",
@@ -372,6 +383,19 @@ def _plan_linked(
                     )
                 )
                 referral = upgraded
+        if (
+            crm.help_requested is not None
+            and referral.help_requested is None
+            and (base or {}).get("crm:help") is None
+        ):
+            refusals.append(
+                Refusal(
+                    "help-not-patchable",
+                    "Asking Microsoft for help turns the deal into co-sell, but Partner Center's API cannot "
+                    "add it to an existing referral: request the help in Partner Center.",
+                    "help_requested",
+                )
+            )
         # Only a CRM answer that changed from yes to no is a downgrade attempt; a CRM that never
         # carried the answer (no field for it) is not asking for anything.
         withdrew_share = (base or {}).get("crm:share") is True and not crm.share_with_microsoft
@@ -414,34 +438,41 @@ def _plan_linked(
             and facts.modified >= referral.updated_at
         )
         crm_moved, pc_moved = crm_first, not crm_first
+    pc_to_crm = pc_moved and not (crm_moved or not known)
     if crm_moved or not known:
         ops, refused = _crm_stage_to_referral(mapping, referral, facts)
-        for op in ops:
-            pc_ops.append(op)
-            explanations.append(
-                ("stage", Direction.TO_PARTNER_CENTER.value, pc_key.value, facts.stage_label, op.rule)
-            )
-            referral = op.after
-        for r in refused:
-            (waiting if r.rule in WAITING_RULES else refusals).append(r)
-        if ops or not refused:
-            new_base["crm_stage"] = facts.stage_label
-            new_base["pc_state"] = pc_state_key(referral).value
+        blocking = [r for r in refused if r.rule not in WAITING_RULES]
+        if not ops and blocking and (pc_moved or not known or referral.is_terminal):
+            # The CRM's stage cannot reach Partner Center (the referral is closed, or ahead of it):
+            # Partner Center's state is then the one to keep, and it comes to the CRM instead.
+            pc_to_crm = True
         else:
-            new_base["crm_stage"] = known.get("crm_stage", facts.stage_label)
-            new_base["pc_state"] = pc_key.value
-    elif pc_moved:
+            for op in ops:
+                pc_ops.append(op)
+                after_key = pc_state_key(op.after).value
+                explanations.append(
+                    ("stage", Direction.TO_PARTNER_CENTER.value, pc_key.value, after_key, op.rule)
+                )
+                referral = op.after
+            for r in refused:
+                (waiting if r.rule in WAITING_RULES else refusals).append(r)
+            if ops or not refused:
+                new_base["crm_stage"] = facts.stage_label
+                new_base["pc_state"] = pc_state_key(referral).value
+            else:
+                new_base["crm_stage"] = known.get("crm_stage", facts.stage_label)
+                new_base["pc_state"] = pc_key.value
+    if pc_to_crm:
         decision = decide_crm_stage(mapping, facts.stage_label, pc_key, facts.record_type)
         if decision.label is not None:
             crm_stage = decision.label
             rule = decision.resolution.rule if decision.resolution else "reverse"
-            rule = f"{rule} (Partner Center {pc_key.value})"
             explanations.append(("stage", Direction.TO_CRM.value, facts.stage_label, decision.label, rule))
         if decision.refusal is not None:
             refusals.append(decision.refusal)
         new_base["crm_stage"] = crm_stage or facts.stage_label
         new_base["pc_state"] = pc_key.value
-    else:
+    elif not (crm_moved or not known):
         new_base["crm_stage"] = facts.stage_label
         new_base["pc_state"] = pc_key.value
 

@@ -135,3 +135,11 @@ def test_scalar_merge_converges_unless_manual(crm_value: str, pc_value: str) -> 
     crm_after = plan.toward(Direction.TO_CRM).get("value", crm_value)
     pc_after = plan.toward(Direction.TO_PARTNER_CENTER).get("value", pc_value)
     assert crm_after == pc_after == plan.base["value"]
+
+
+def test_first_pairing_never_lets_an_empty_value_wipe_the_other_side() -> None:
+    plan = merge(
+        None, with_(notes=""), with_(notes="Microsoft seller engaged"), crm_modified=LATE, pc_modified=EARLY
+    )
+    assert plan.toward(Direction.TO_CRM) == {"notes": "Microsoft seller engaged"}
+    assert plan.toward(Direction.TO_PARTNER_CENTER) == {}

@@ -234,15 +234,18 @@ def test_outbound_private_upgrades_to_partner_led_then_co_sell() -> None:
         customer_contact=BUYER,
         contact_consent=True,
     )
-    plan2 = plan_pair(help_wanted, CrmFacts("Needs Analysis"), partner_led, plan.base, MAPPING)
-    assert [o.after.deal_type for o in plan2.pc_ops] == [DealType.CO_SELL]
+    # asking for Microsoft's help has no PATCH path: reported for a person, other changes still go
+    help_and_value = replace(help_wanted, value=Money(Decimal(60000), "USD"))
+    plan2 = plan_pair(help_and_value, CrmFacts("Needs Analysis"), partner_led, plan.base, MAPPING)
+    assert [r.rule for r in plan2.refusals] == ["help-not-patchable"]
+    assert [o.kind for o in plan2.pc_ops] == [PcOpKind.PATCH] and plan2.pc_ops[0].fields == ("value",)
+    assert plan2.pc_ops[0].after.help_requested is None
     # the CRM un-ticking visibility later is a downgrade: refused with the rule, nothing sent
-    co_sell = plan2.pc_ops[0].after
     plan3 = plan_pair(
-        replace(help_wanted, share_with_microsoft=False),
+        replace(visible, share_with_microsoft=False),
         CrmFacts("Needs Analysis"),
-        co_sell,
-        plan2.base,
+        partner_led,
+        plan.base,
         MAPPING,
     )
     assert not plan3.pc_ops and "share-no-downgrade" in [r.rule for r in plan3.refusals]
@@ -256,3 +259,21 @@ def test_pairing_never_copies_a_customer_contact_without_consent_and_help() -> N
     plan = plan_pair(crm, CrmFacts("Needs Analysis"), ref, base_of("Needs Analysis", ref), MAPPING)
     assert all(op.after.customer_contact is None for op in plan.pc_ops)
     assert plan.is_noop
+
+
+def test_a_won_referral_brings_the_crm_to_won_even_when_the_crm_stage_moved_too() -> None:
+    ref = deal(sales_stage=StandardStage.QUALIFIED)
+    base = base_of("Needs Analysis", ref)
+    won = replace(ref, status=Status.CLOSED, substatus=Substatus.WON)
+    crm = CrmFacts("Proposal/Price Quote", modified=LATE)  # newer than Partner Center's win
+    plan = plan_pair(ref, crm, replace(won, updated_at=EARLY), base, MAPPING)
+    assert plan.crm_stage == "Closed Won" and not plan.pc_ops
+    assert plan.base["pc_state"] == "won"
+
+
+def test_first_pairing_with_partner_center_ahead_moves_the_crm_forward() -> None:
+    ahead = deal(sales_stage=StandardStage.NEGOTIATED)
+    plan = plan_pair(ahead, CrmFacts("Needs Analysis"), ahead, None, MAPPING)
+    assert plan.crm_stage == "Negotiation/Review" and not plan.refusals
+    again = plan_pair(ahead, CrmFacts("Negotiation/Review"), ahead, plan.base, MAPPING)
+    assert again.is_noop
