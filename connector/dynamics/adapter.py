@@ -1011,6 +1011,9 @@ class DynamicsAdapter:
         for canonical, column in direct.items():
             if canonical in f:
                 values[column] = f.pop(canonical)
+        if values.get("estimatedvalue") is not None:
+            # canonical amounts are exact decimal strings; the money column is an Edm.Decimal number
+            values["estimatedvalue"] = Decimal(str(values["estimatedvalue"]))
         if "currency" in f:
             values["transactioncurrencyid@odata.bind"] = (
                 f"/transactioncurrencies({self._currency_id(str(f.pop('currency')))})"

@@ -119,7 +119,9 @@ DEFAULT_FIELDS: Mapping[str, str] = {
     "solutions": "",  # a multi-select picklist of solution codes; empty = OpportunityLineItem.ProductCode
     "account_duns": "DunsNumber",
     "notes": "Description",
-    "campaign": "CampaignId",
+    # Partner Center's campaignId is Microsoft's marketing campaign id, not a Salesforce Campaign
+    # record id: synced only when a text field for it is configured (e.g. Microsoft_Campaign_Id__c)
+    "campaign": "",
     "lost_reason": "",  # e.g. Loss_Reason__c: the CRM's words for why a deal was lost
 }
 #: Roles whose field must exist in the org (the rest are read when present).

@@ -95,6 +95,8 @@ class StateStore(ABC):
     @abstractmethod
     def mark_dead(self, entry_id: int, error: str) -> None: ...
     @abstractmethod
+    def complete_waiting(self, idempotency_keys: Sequence[str]) -> None: ...
+    @abstractmethod
     def outbox_depth(self, connection: str) -> dict[str, int]: ...
 
     # --- dead letters
@@ -408,6 +410,20 @@ class SqlStateStore(StateStore):
 
     def mark_dead(self, entry_id: int, error: str) -> None:
         self._set_outbox(entry_id, state=OutboxState.DEAD.value, last_error=error[:4000])
+
+    def complete_waiting(self, idempotency_keys: Sequence[str]) -> None:
+        """Waiting entries whose rule no longer holds the change back (it went, or is no longer wanted)."""
+        if not idempotency_keys:
+            return
+        with self._conn() as conn:
+            conn.execute(
+                sa.update(t.outbox)
+                .where(
+                    t.outbox.c.idempotency_key.in_(list(idempotency_keys)),
+                    t.outbox.c.state == OutboxState.WAITING.value,
+                )
+                .values(state=OutboxState.DONE.value, wait_reason="")
+            )
 
     def outbox_depth(self, connection: str) -> dict[str, int]:
         with self._conn() as conn:

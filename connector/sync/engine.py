@@ -46,7 +46,7 @@ from connector.state import (
     StateStore,
     System,
 )
-from connector.sync.plan import CrmFacts, PairPlan, PcOp, PcOpKind, plan_pair
+from connector.sync.plan import WAITING_RULES, CrmFacts, PairPlan, PcOp, PcOpKind, plan_pair
 
 __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 
@@ -93,6 +93,8 @@ class _Pending:
     audit: list[AuditEntry]
     #: resolved conflicts this record's plan applied; marked applied once the page commits
     applied_conflicts: list[int] = field(default_factory=list)
+    #: waiting outbox entries of this record that no longer wait
+    released_waits: list[str] = field(default_factory=list)
 
 
 class SyncEngine:
@@ -550,7 +552,10 @@ class SyncEngine:
             status="blocked" if plan.refusals else "linked",
             status_detail=status,
         )
-        return _Pending(new_link, change, audit)
+        still = {w.rule for w in plan.waiting}
+        record_key = crm_id or (referral.referral_id if referral else None) or "?"
+        released = [self._wait_key(record_key, rule) for rule in WAITING_RULES if rule not in still]
+        return _Pending(new_link, change, audit, released_waits=released)
 
     def _pc_write(self, op: PcOp, current: Deal | None, crm_id: str | None) -> Deal:
         """One Partner Center write, with its outbox row committed before the request."""
@@ -639,6 +644,7 @@ class SyncEngine:
                 self.store.save_link(link)
                 for conflict_id in p.applied_conflicts:
                     self.store.mark_conflict_applied(conflict_id)
+                self.store.complete_waiting(p.released_waits)
                 if link.crm_id:
                     self.store.clear_dead_letter(self.name, System.CRM, link.crm_id)
                 if link.referral_id:
@@ -755,6 +761,9 @@ class SyncEngine:
         if link is not None and not report.dry_run:
             self.store.save_link(replace(link, status="blocked", status_detail=f"blocked: {refusals[0][0]}"))
 
+    def _wait_key(self, record_key: str, rule: str) -> str:
+        return f"wait:{self.name}:{record_key}:{rule}"
+
     def _wait(self, record_key: str, rule: str, message: str) -> None:
         entry = self.store.enqueue(
             OutboxEntry(
@@ -763,7 +772,7 @@ class SyncEngine:
                 "wait",
                 record_key,
                 payload={"rule": rule, "message": message},
-                idempotency_key=f"wait:{self.name}:{record_key}:{rule}",
+                idempotency_key=self._wait_key(record_key, rule),
                 state=OutboxState.WAITING,
                 wait_reason=rule,
             )

@@ -272,3 +272,14 @@ def test_unreachable_database_is_retry_later() -> None:
     with pytest.raises(RetryLater, match="unreachable") as info:
         open_store("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
     assert "secret" not in str(info.value)
+
+
+def test_waiting_entries_are_released_by_key(store: SqlStateStore) -> None:
+    waiting = store.enqueue(
+        entry("wait:acme:r-1:stage-needs-accepted", state=OutboxState.WAITING, wait_reason="x")
+    )
+    store.enqueue(entry("k-pending"))
+    store.complete_waiting(["wait:acme:r-1:stage-needs-accepted", "wait:acme:other:rule"])
+    states = {e.idempotency_key: e.state for e in store.outbox_entries("acme")}
+    assert states == {waiting.idempotency_key: OutboxState.DONE, "k-pending": OutboxState.PENDING}
+    store.complete_waiting([])
