@@ -122,6 +122,10 @@ class CrmAdapter(Protocol):
         """Batched creates/updates; each record's failure is isolated and reported."""
         ...
 
+    def find_by_referral(self, referral_ids: Sequence[str]) -> Mapping[str, Deal]:
+        """Opportunities that already carry these referral ids, keyed by referral id."""
+        ...
+
     def apply(self, changes: Sequence[CrmChange]) -> Sequence[WriteResult]:
         """Canonical changes -> CRM writes (one batch); results in order, keyed by ``CrmChange.key``."""
         ...

@@ -626,6 +626,21 @@ class DynamicsAdapter:
         deals, _ = self._convert(rows, in_scope_check=False)
         return deals
 
+    def find_by_referral(self, referral_ids: Sequence[str]) -> Mapping[str, Deal]:
+        """Opportunities already carrying these referral ids (a create whose answer was lost)."""
+        column = self.options.referral_id_field
+        wanted = list(dict.fromkeys(referral_ids))
+        if not column or not wanted:
+            return {}
+        queries = [
+            ("opportunities", Query("opportunities", self._columns(), odata.in_(column, chunk)))
+            for chunk in _chunks(wanted, self.options.related_chunk)
+        ]
+        self._metadata()
+        rows = self._batch_read(queries).get("opportunities", [])
+        deals, _ = self._convert(rows, in_scope_check=False)
+        return {d.referral_id: d for d in deals if d.referral_id}
+
     def _read_all(self, operation: str, url: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while url:

@@ -869,6 +869,23 @@ class SalesforceAdapter:
         rows, _failures = self._convert(run, records)
         return [r.deal for r in rows]
 
+    def find_by_referral(self, referral_ids: Sequence[str]) -> Mapping[str, Deal]:
+        """Opportunities already carrying these referral ids: a create whose answer was lost (a crash
+        between the CRM's reply and our commit) is found here instead of being made twice."""
+        run = self._run or self._start_run()
+        field = self.fields["referral_id"]
+        wanted = sorted(set(referral_ids))
+        if not wanted or not field:
+            return {}
+        fields = self._opp_fields(run)
+        records: list[dict[str, Any]] = []
+        for query in soql.chunk_in_values(
+            wanted, lambda chunk: soql.Query("Opportunity", fields, where=soql.in_(field, chunk)).render()
+        ):
+            records.extend(self._query_all(query, operation="find-by-referral"))
+        rows, _failures = self._convert(run, records)
+        return {r.deal.referral_id: r.deal for r in rows if r.deal.referral_id}
+
     # --- related data and conversion --------------------------------------------------------------
     def _in_query(
         self,

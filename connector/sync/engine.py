@@ -315,6 +315,24 @@ class SyncEngine:
                     )  # fmt: skip
                     continue
             pairs.append((referral, link, crm_id))
+        # Referrals with no opportunity yet: one already created for them (its answer lost to a crash
+        # before our commit) carries the referral id in the CRM; pair with it, never create another.
+        orphans = [
+            r.referral_id
+            for r, link, c in pairs
+            if link is None and c is None and r.referral_id and not r.is_terminal
+        ]
+        adopted = dict(self.crm.find_by_referral(orphans)) if orphans else {}
+        pairs = [
+            (
+                r,
+                link,
+                adopted[r.referral_id].crm_id
+                if link is None and c is None and r.referral_id in adopted
+                else c,
+            )
+            for r, link, c in pairs
+        ]
         wanted = sorted({c for _, _, c in pairs if c})
         opportunities = {d.crm_id: d for d in self._get_crm(wanted)} if wanted else {}
         pending: list[_Pending] = []

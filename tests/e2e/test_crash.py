@@ -102,3 +102,31 @@ def test_a_crash_anywhere_converges_without_duplicates(
     before = writes(pc, sf)
     run()
     assert writes(pc, sf) == before, "a settled book must not be written again"
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_crash_after_the_crm_created_opportunities_never_duplicates_them(
+    run: Run, pc: Any, sf: Any, store: SqlStateStore
+) -> None:
+    inbound = pc.seed(5, mix=False, seed=3)
+    with pc._store:
+        for rid in inbound:
+            pc.referrals[rid].update(
+                {
+                    "status": "New",
+                    "substatus": "Received",
+                    "direction": "Incoming",
+                    "externalReferenceId": None,
+                    "salesStage": None,
+                }
+            )
+    # the CRM answered the page's batch (opportunities exist), then the process died before our commit
+    with crash_on(SalesforceAdapter, "apply", 1, after=True), pytest.raises(Crash):
+        run()
+    report = run()
+    assert report.counts["failed"] == 0, report.problems
+    for rid in inbound:
+        opps = [oid for oid, row in sf.tables["Opportunity"].items() if row.get(REFERRAL_FIELD) == rid]
+        assert len(opps) == 1, f"referral {rid} has opportunities {opps}"
+        link = store.link_by_referral(CONNECTION, rid)
+        assert link is not None and link.crm_id == opps[0]
