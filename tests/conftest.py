@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +17,9 @@ def clean_cosell_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("COSELL_"):
             monkeypatch.delenv(name)
     yield
+    # commands run through main() configure logging for the process (level, format): undo it, so
+    # every test starts from structlog's defaults whatever ran before it
+    structlog.reset_defaults()
 
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
