@@ -107,3 +107,9 @@ def test_db_upgrade_and_status(
     assert (tmp_path / "data" / "state.db").exists()
     code, out, _ = run(capsys, "db", "status")
     assert code == 0
+
+
+def test_the_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
+    code, out, _ = run(capsys, "--config", str(example), "mappings", "check")
+    assert code == 0 and "OK connection acme_sf" in out and "OK connection contoso_d365" in out
