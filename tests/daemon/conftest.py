@@ -15,22 +15,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.remote.idp_twin import IdpTwin
 from connector.remote.signin import partner_center_signin
-from connector.remote.twin import Clock, TwinCA
+from connector.remote.twin import TwinCA
 from connector.salesforce.twin import SalesforceTwin
 from connector.settings import Settings, load_settings
-from tests.e2e.conftest import (
+from tests.e2e.conftest import (  # the twin fixtures are shared with the end-to-end suite
     CONNECTION,
     PC_CLIENT,
     PC_PASSWORD,
@@ -39,7 +37,13 @@ from tests.e2e.conftest import (
     SF_PASSWORD,
     SF_SECRET,
     SF_USER,
+    ca,
+    idp,
+    pc,
+    sf,
 )
+
+__all__ = ["ca", "idp", "pc", "sf"]  # fixtures re-exported for this package's tests
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {
@@ -47,52 +51,6 @@ SECRETS = {
     "COSELL_CONNECTIONS__ACME__CRM__AUTH__PASSWORD": SF_PASSWORD,
 }
 CANARIES = (SF_SECRET, SF_PASSWORD, PC_PASSWORD)
-
-
-@pytest.fixture(autouse=True)
-def fresh_structlog() -> Iterator[None]:
-    """``cosell`` commands run in-process configure structlog to print to the ``sys.stderr`` of the
-    moment, which under capsys is a capture file closed after the test: start and leave each test
-    with structlog's defaults so no test logs into another test's closed capture."""
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
-
-
-@pytest.fixture(scope="session")
-def ca() -> TwinCA:
-    return TwinCA()
-
-
-@pytest.fixture
-def idp(ca: TwinCA) -> Iterator[IdpTwin]:
-    twin = IdpTwin(ca, clock=Clock(datetime(2026, 3, 2, 9, 0, tzinfo=UTC)))
-    twin.add_client(PC_CLIENT)
-    twin.add_user(PC_USER, PC_PASSWORD)
-    with twin:
-        yield twin
-
-
-@pytest.fixture
-def pc(ca: TwinCA, idp: IdpTwin) -> Iterator[PartnerCenterTwin]:
-    with PartnerCenterTwin(ca, idp=idp) as twin:
-        yield twin  # type: ignore[misc]
-
-
-@pytest.fixture
-def sf(ca: TwinCA) -> Iterator[SalesforceTwin]:
-    twin = SalesforceTwin(
-        ca,
-        clock=Clock(datetime(2026, 3, 2, 9, 0, tzinfo=UTC)),
-        client_id=SF_CLIENT,
-        client_secret=SF_SECRET,
-        users={SF_USER: SF_PASSWORD},
-    )
-    twin.start()
-    try:
-        yield twin
-    finally:
-        twin.stop()
 
 
 def write_config(
