@@ -69,13 +69,8 @@ def bench(n: int, workdir: Path) -> None:
                 os.environ["COSELL_CONNECTIONS__BENCH__CRM__AUTH__CLIENT_SECRET"] = SF_SECRET
                 os.environ["COSELL_CONNECTIONS__BENCH__CRM__AUTH__PASSWORD"] = SF_PASSWORD
                 settings = load_settings(path)
-                signin = partner_center_signin(settings, "bench")
-
-                def approve(_s: float) -> None:
-                    for code in idp.pending_device_codes():
-                        idp.approve_device(code, PC_USER)
-
-                signin.login_device_code(lambda _m: None, sleep=approve)
+                idp.sign_in(settings, "bench", PC_USER)
+                signin = partner_center_signin(settings, "bench")  # for the bare client's token
                 store = open_store(settings.state_url)
                 policy = RetryPolicy(sleep=lambda _s: None)
 

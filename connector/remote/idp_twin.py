@@ -26,11 +26,14 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
 from connector.remote.twin import Clock, Twin, TwinCA, TwinRequest, TwinResponse
+
+if TYPE_CHECKING:
+    from connector.settings import Settings
 
 __all__ = ["DEVICE_GRANT", "IdpTwin", "IssuedToken", "TwinClient", "TwinUser"]
 
@@ -154,6 +157,24 @@ class IdpTwin(Twin):
 
     def approve_device(self, user_code: str, username: str) -> None:
         self._device_state(user_code, "approved", username)
+
+    def approve_pending(self, username: str) -> None:
+        """Approve every waiting device flow as ``username`` (the operator in the browser)."""
+        for code in self.pending_device_codes():
+            self.approve_device(code, username)
+
+    def sign_in(self, settings: Settings, connection: str, username: str) -> None:
+        """A connection's one-off device-code sign-in (`cosell auth login`), approved here as the
+        operator would approve it; the msal cache it persists is what later runs use."""
+        from connector.remote.signin import partner_center_signin  # msal only when signing in
+
+        signin = partner_center_signin(settings, connection)
+        try:
+            signin.login_device_code(
+                lambda _message: None, sleep=lambda _seconds: self.approve_pending(username)
+            )
+        finally:
+            signin.close()
 
     def deny_device(self, user_code: str) -> None:
         self._device_state(user_code, "denied", None)

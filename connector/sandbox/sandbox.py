@@ -38,7 +38,6 @@ from connector.dynamics.twin import DataverseTwin
 from connector.errors import ConfigError, ConfigProblem
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.remote.idp_twin import IdpTwin
-from connector.remote.signin import partner_center_signin
 from connector.remote.twin import Clock, Twin, TwinCA
 from connector.salesforce.twin import SalesforceTwin
 from connector.sandbox.book import Book, build_book
@@ -311,16 +310,7 @@ class Sandbox:
         operator would approve it in a browser (the code is never shown: nobody needs to type it)."""
         settings = self.settings()
         for name in settings.connections:
-            signin = partner_center_signin(settings, name)
-            try:
-
-                def approve(_seconds: float) -> None:
-                    for code in self.idp.pending_device_codes():
-                        self.idp.approve_device(code, PC_USER)
-
-                signin.login_device_code(lambda _message: None, sleep=approve)
-            finally:
-                signin.close()
+            self.idp.sign_in(settings, name, PC_USER)
 
     # --- for the demo -----------------------------------------------------------------------------
     def now(self) -> datetime:

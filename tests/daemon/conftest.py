@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.remote.idp_twin import IdpTwin
-from connector.remote.signin import partner_center_signin
 from connector.remote.twin import TwinCA
 from connector.salesforce.twin import SalesforceTwin
 from connector.settings import Settings, load_settings
@@ -89,16 +88,7 @@ def write_config(
 
 def sign_in(settings: Settings, idp: IdpTwin) -> None:
     """The operator's one-off device-code sign-in, approved on the identity provider twin."""
-    signin = partner_center_signin(settings, CONNECTION)
-    try:
-
-        def approve(_seconds: float) -> None:
-            for code in idp.pending_device_codes():
-                idp.approve_device(code, PC_USER)
-
-        signin.login_device_code(lambda _message: None, sleep=approve)
-    finally:
-        signin.close()
+    idp.sign_in(settings, CONNECTION, PC_USER)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import yaml
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.remote.idp_twin import IdpTwin
 from connector.remote.retry import RetryPolicy
-from connector.remote.signin import partner_center_signin
 from connector.remote.twin import Clock, TwinCA
 from connector.salesforce.twin import SalesforceTwin
 from connector.settings import Settings, load_settings
@@ -115,17 +114,7 @@ def settings(
     monkeypatch.setenv("COSELL_CONNECTIONS__ACME__CRM__AUTH__CLIENT_SECRET", SF_SECRET)
     monkeypatch.setenv("COSELL_CONNECTIONS__ACME__CRM__AUTH__PASSWORD", SF_PASSWORD)
     settings = load_settings(path)
-    # the operator's one-off device-code sign-in, approved on the identity provider twin
-    signin = partner_center_signin(settings, CONNECTION)
-    try:
-
-        def approve(_seconds: float) -> None:
-            for code in idp.pending_device_codes():
-                idp.approve_device(code, PC_USER)
-
-        signin.login_device_code(lambda _message: None, sleep=approve)
-    finally:
-        signin.close()
+    idp.sign_in(settings, CONNECTION, PC_USER)  # the operator's one-off device-code sign-in
     return settings
 
 

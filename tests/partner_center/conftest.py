@@ -34,7 +34,6 @@ from connector.partner_center.twin import PartnerCenterTwin
 from connector.remote.calls import CallCounter
 from connector.remote.idp_twin import IdpTwin
 from connector.remote.retry import RetryPolicy
-from connector.remote.signin import DelegatedSignIn, partner_center_signin
 from connector.remote.twin import Clock, TwinCA
 from connector.settings import Settings, load_settings
 
@@ -157,18 +156,9 @@ def sign_in(idp: IdpTwin) -> Callable[[Settings], None]:
     """Do the operator's one-off device-code sign-in through real msal (the twin approves it)."""
 
     def run(settings: Settings) -> None:
-        signin: DelegatedSignIn = partner_center_signin(settings, CONNECTION)
-        try:
-            signin.login_device_code(lambda _message: None, sleep=lambda _s: _approve_all(idp))
-        finally:
-            signin.close()
+        idp.sign_in(settings, CONNECTION, USER)
 
     return run
-
-
-def _approve_all(idp: IdpTwin) -> None:
-    for code in idp.pending_device_codes():
-        idp.approve_device(code, USER)
 
 
 @pytest.fixture
