@@ -29,14 +29,12 @@ from connector.salesforce.twin import SalesforceTwin
 from connector.settings import Settings, load_settings
 from tests.e2e.conftest import (  # the twin fixtures are shared with the end-to-end suite
     CONNECTION,
-    PC_CLIENT,
     PC_PASSWORD,
     PC_USER,
-    SF_CLIENT,
     SF_PASSWORD,
     SF_SECRET,
-    SF_USER,
     ca,
+    connection_config,
     idp,
     pc,
     sf,
@@ -63,20 +61,7 @@ def write_config(
         "http": {"host": "127.0.0.1", "port": 0},
         "connections": {
             CONNECTION: {
-                "crm": {
-                    "kind": "salesforce",
-                    "login_url": sf.base_url,
-                    "auth": {"flow": "password", "client_id": SF_CLIENT, "username": SF_USER},
-                    "api_budget_share": 1.0,
-                },
-                "partner_center": {
-                    "base_url": pc.api_base_url,
-                    "authority": idp.authority,
-                    "auth": {"mode": "device_code", "client_id": PC_CLIENT},
-                    "location_id": "loc-1",
-                },
-                "mappings": ["builtin:salesforce-default.yaml"],
-                "policy": {"default": "newest-wins"},
+                **connection_config(idp, pc, sf),
                 "schedule": {"interval": 1, "jitter": 0, "full_reconcile": 3600, **schedule},
             }
         },

@@ -67,6 +67,26 @@ def sf(ca: TwinCA) -> Iterator[SalesforceTwin]:
         twin.stop()
 
 
+def connection_config(idp: IdpTwin, pc: PartnerCenterTwin, sf: SalesforceTwin) -> dict[str, Any]:
+    """The connection's YAML block pointing at the twins (secrets stay in the environment)."""
+    return {
+        "crm": {
+            "kind": "salesforce",
+            "login_url": sf.base_url,
+            "auth": {"flow": "password", "client_id": SF_CLIENT, "username": SF_USER},
+            "api_budget_share": 1.0,
+        },
+        "partner_center": {
+            "base_url": pc.api_base_url,
+            "authority": idp.authority,
+            "auth": {"mode": "device_code", "client_id": PC_CLIENT},
+            "location_id": "loc-1",
+        },
+        "mappings": ["builtin:salesforce-default.yaml"],
+        "policy": {"default": "newest-wins"},
+    }
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -89,24 +109,7 @@ def settings(
         "data_dir": str(tmp_path / "data"),
         "state": {"url": state_url},
         "tls": {"ca_bundle": str(ca_pem)},
-        "connections": {
-            CONNECTION: {
-                "crm": {
-                    "kind": "salesforce",
-                    "login_url": sf.base_url,
-                    "auth": {"flow": "password", "client_id": SF_CLIENT, "username": SF_USER},
-                    "api_budget_share": 1.0,
-                },
-                "partner_center": {
-                    "base_url": pc.api_base_url,
-                    "authority": idp.authority,
-                    "auth": {"mode": "device_code", "client_id": PC_CLIENT},
-                    "location_id": "loc-1",
-                },
-                "mappings": ["builtin:salesforce-default.yaml"],
-                "policy": {"default": "newest-wins"},
-            }
-        },
+        "connections": {CONNECTION: connection_config(idp, pc, sf)},
     }
     path = tmp_path / "cosell.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
