@@ -100,6 +100,9 @@ class CrmAdapter(Protocol):
     """What the sync engine needs from a CRM."""
 
     system: str  # "salesforce" | "dynamics"
+    #: True when writes carrying ``based_on`` (If-Match) still go out in one batch; else the engine
+    #: leaves them unconditional rather than send them one by one
+    conditional_writes_batched: bool
 
     @property
     def write_unsupported(self) -> frozenset[str]:
@@ -133,6 +136,9 @@ class CrmAdapter(Protocol):
 
 class ReferralStore(Protocol):
     """What the sync engine needs from Partner Center."""
+
+    #: whether the deal name is sent (``/name`` is not a documented PATCH path)
+    patch_name: bool
 
     def changes(self, cursor: str | None) -> Iterator[ChangePage]:
         """Referrals changed since ``cursor`` (server ``updatedDateTime``), page by page."""

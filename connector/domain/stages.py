@@ -18,7 +18,6 @@ same standard stage).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -553,10 +552,6 @@ def decide_referral_stage(
     if refusals:
         return StageDecision(StageAction.REFUSED, resolution, tuple(refusals))
     return StageDecision(action, resolution)
-
-
-def labels_of(stages: Iterable[CrmStage]) -> Sequence[str]:
-    return [s.label for s in stages]
 
 
 @dataclass(frozen=True, slots=True)

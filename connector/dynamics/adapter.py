@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import structlog
@@ -70,6 +70,9 @@ from connector.remote.session import ApiSession
 from connector.remote.tokens import TokenProvider
 from connector.seams import ChangePage, CrmAdapter, CrmChange, CrmWrite, RecordFailure, WriteResult
 from connector.settings import DynamicsCrm, read_secret
+
+if TYPE_CHECKING:
+    from connector.remote.signin import ClientCredentials
 
 __all__ = [
     "EXPIRED_DELTA_TEXT",
@@ -1412,7 +1415,7 @@ def _jsonable(value: Any) -> Any:
 
 def dataverse_signin(
     crm: DynamicsCrm, ca_bundle: Path | None, *, http: httpx.Client | None = None
-) -> TokenProvider:
+) -> ClientCredentials:
     """Client-credentials sign-in for the environment's application user (crm-apis.md §C):
     scope ``<org>/.default``, the configured authority (default: the tenant's Entra ID), a secret or a
     certificate."""

@@ -333,6 +333,8 @@ class SalesforceAdapter:
     """:class:`~connector.seams.CrmAdapter` for Salesforce. One instance per run (caches are per run)."""
 
     system = SYSTEM
+    #: conditional writes (If-Unmodified-Since) are single-record requests in Salesforce
+    conditional_writes_batched = False
 
     def __init__(
         self,

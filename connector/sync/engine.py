@@ -425,7 +425,7 @@ class SyncEngine:
                 create_opportunities=self.connection.policy.create_opportunities,
                 location_id=self.connection.partner_center.location_id,
                 crm_readonly=self.crm.write_unsupported,
-                pc_readonly=frozenset() if getattr(self.pc, "patch_name", False) else frozenset({"name"}),
+                pc_readonly=frozenset() if self.pc.patch_name else frozenset({"name"}),
             )
         except RecordError as exc:
             self._fail(*self._retry_key(crm, referral), exc)
@@ -551,7 +551,7 @@ class SyncEngine:
                 # Salesforce sends conditional writes one by one (If-Unmodified-Since); only pass the
                 # version where the adapter can still batch them (Dataverse $batch with If-Match).
                 based_on=crm.version.value
-                if crm and crm.version and getattr(self.crm, "conditional_writes_batched", False)
+                if crm and crm.version and self.crm.conditional_writes_batched
                 else None,
                 key=uuid.uuid4().hex,
             )

@@ -67,9 +67,7 @@ def run_context(
             from connector.dynamics.adapter import build_adapter, dataverse_signin
 
             tokens = dataverse_signin(conn.crm, settings.tls.ca_bundle)
-            closer = getattr(tokens, "close", None)
-            if closer is not None:
-                stack.callback(closer)
+            stack.callback(tokens.close)
             dyn = build_adapter(
                 conn.crm,
                 tokens=tokens,
