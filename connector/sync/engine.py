@@ -30,7 +30,7 @@ import structlog
 
 from connector.domain.merge import Policy, values_hash
 from connector.domain.model import Deal
-from connector.errors import ConflictError, RecordError, RuleViolation
+from connector.errors import ConflictError, RecordError, RetryLater, RuleViolation
 from connector.logs import _scrub
 from connector.mappings import MappingSet
 from connector.seams import CrmAdapter, CrmChange, RecordFailure, ReferralStore
@@ -156,8 +156,6 @@ class SyncEngine:
         }
         bound = log.bind(connection=self.name, run_id=run_id, correlation_id=self.correlation_id)
         if not dry_run and not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
-            from connector.errors import RetryLater
-
             raise RetryLater(
                 f"connection {self.name}: another process holds the run lease "
                 f"({self.store.lease_holder(self.name)}); it will be retried",
@@ -287,8 +285,6 @@ class SyncEngine:
         # Renew the lease at every page: a long run keeps it, a killed one loses it within lease_ttl.
         # A run that stalled past its lease has been taken over: it must stop writing at once.
         if not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
-            from connector.errors import RetryLater
-
             raise RetryLater(
                 f"connection {self.name}: the run lease was taken over; stopping this run", system="state"
             )
