@@ -22,6 +22,7 @@ __all__ = [
     "ChangePage",
     "CrmAdapter",
     "CrmChange",
+    "CrmField",
     "CrmWrite",
     "RecordFailure",
     "ReferralStore",
@@ -96,6 +97,20 @@ class WriteResult:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CrmField:
+    """One field of the CRM's opportunity entity as the CRM's own metadata describes it (for
+    ``cosell doctor``: a configured field that does not exist, a mapped value a restricted picklist
+    would refuse)."""
+
+    name: str  # API / logical name
+    type: str  # the CRM's own type name (picklist, multipicklist, boolean, Picklist, ...)
+    #: active values of a picklist / option set (labels for Dataverse), empty when not a picklist
+    picklist_values: tuple[str, ...] = ()
+    #: True when a value outside ``picklist_values`` is refused on write
+    restricted: bool = False
+
+
 class CrmAdapter(Protocol):
     """What the sync engine needs from a CRM."""
 
@@ -131,6 +146,10 @@ class CrmAdapter(Protocol):
 
     def apply(self, changes: Sequence[CrmChange]) -> Sequence[WriteResult]:
         """Canonical changes -> CRM writes (one batch); results in order, keyed by ``CrmChange.key``."""
+        ...
+
+    def opportunity_fields(self) -> Mapping[str, CrmField]:
+        """The opportunity entity's fields by API name, from the CRM's metadata (doctor checks)."""
         ...
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -74,6 +74,18 @@ def snapshot_of(deal: Deal) -> dict[str, Any]:
 def values_hash(values: Mapping[str, Any]) -> str:
     """Stable hash of written values: reading the same values back is our own echo, not a change."""
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rewritten_fields(
+    written: Sequence[str], written_hash: str, current: Mapping[str, Any], base: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """The first read-back of fields we wrote: () when they came back as written (our own echo);
+    else the fields someone else rewrote since — typically a CRM workflow or trigger reacting to
+    our write. The engine counts and audits those once; the merge then treats the new values as
+    the CRM's edit (one flow to Partner Center), so the two automations never ping-pong."""
+    if values_hash({f: current.get(f) for f in written}) == written_hash:
+        return ()
+    return tuple(f for f in written if current.get(f) != base.get(f))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,3 +41,29 @@ class CallCounter:
     def snapshot(self) -> dict[CallKey, int]:
         with self._lock:
             return dict(self._counts)
+
+    def window(self) -> CallCounter:
+        """A counter that sees only the calls recorded here from now on: one run's calls on clients
+        that a long-lived process keeps across runs."""
+        return _Window(self, self.snapshot())
+
+
+class _Window(CallCounter):
+    def __init__(self, parent: CallCounter, baseline: dict[CallKey, int]) -> None:
+        super().__init__()
+        self._parent = parent
+        self._baseline = baseline
+
+    def record(self, system: str, operation: str, status: int | str) -> None:
+        self._parent.record(system, operation, status)
+
+    def snapshot(self) -> dict[CallKey, int]:
+        now = self._parent.snapshot()
+        return {k: n - self._baseline.get(k, 0) for k, n in now.items() if n - self._baseline.get(k, 0)}
+
+    def total(self, system: str | None = None, operation: str | None = None) -> int:
+        return sum(
+            n
+            for k, n in self.snapshot().items()
+            if (system is None or k.system == system) and (operation is None or k.operation == operation)
+        )

@@ -30,6 +30,7 @@ class Link:
 
     ``crm_written_hash`` / ``pc_written_hash`` are hashes of the values the connector itself last
     wrote to each side: reading them back is an echo, not a change (prior-art failure class 9).
+    ``crm_written_fields`` names the fields behind ``crm_written_hash`` until the write is read back.
     """
 
     connection: str
@@ -40,6 +41,7 @@ class Link:
     pc_version: str | None = None
     crm_written_hash: str | None = None
     pc_written_hash: str | None = None
+    crm_written_fields: tuple[str, ...] | None = None
     status: str = "linked"  # linked | blocked | orphaned
     status_detail: str = ""
     updated_at: datetime | None = None

@@ -65,7 +65,13 @@ class StateStore(ABC):
     @abstractmethod
     def link_by_referral(self, connection: str, referral_id: str) -> Link | None: ...
     @abstractmethod
+    def links_by_crm_ids(self, connection: str, crm_ids: Sequence[str]) -> dict[str, Link]: ...
+    @abstractmethod
+    def links_by_referral_ids(self, connection: str, referral_ids: Sequence[str]) -> dict[str, Link]: ...
+    @abstractmethod
     def save_link(self, link: Link) -> Link: ...
+    @abstractmethod
+    def forget_crm_writes(self, connection: str, crm_ids: Sequence[str]) -> None: ...
     @abstractmethod
     def iter_links(self, connection: str, batch: int = 1000) -> Iterator[Link]: ...
     @abstractmethod
@@ -88,6 +94,8 @@ class StateStore(ABC):
     def outbox_entries(self, connection: str, states: Sequence[OutboxState] = ()) -> list[OutboxEntry]: ...
     @abstractmethod
     def mark_done(self, entry_id: int) -> None: ...
+    @abstractmethod
+    def mark_done_many(self, entry_ids: Sequence[int]) -> None: ...
     @abstractmethod
     def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None: ...
     @abstractmethod
@@ -227,6 +235,29 @@ class SqlStateStore(StateStore):
             sa.and_(t.links.c.connection == connection, t.links.c.referral_id == referral_id)
         )
 
+    def links_by_crm_ids(self, connection: str, crm_ids: Sequence[str]) -> dict[str, Link]:
+        """One page's links in a few IN queries, keyed by CRM id (not one query per record)."""
+        found = self._links_in(connection, t.links.c.crm_id, crm_ids)
+        return {link.crm_id: link for link in found if link.crm_id}
+
+    def links_by_referral_ids(self, connection: str, referral_ids: Sequence[str]) -> dict[str, Link]:
+        found = self._links_in(connection, t.links.c.referral_id, referral_ids)
+        return {link.referral_id: link for link in found if link.referral_id}
+
+    def _links_in(self, connection: str, column: sa.Column[Any], values: Sequence[str]) -> list[Link]:
+        unique = sorted(set(values))
+        out: list[Link] = []
+        with self._conn() as conn:
+            # SQLite's default bound-parameter limit is 32,766 (999 before 3.32): chunks of 500 fit both
+            for i in range(0, len(unique), 500):
+                rows = conn.execute(
+                    sa.select(t.links).where(
+                        t.links.c.connection == connection, column.in_(unique[i : i + 500])
+                    )
+                ).mappings()
+                out += [_link(row) for row in rows]
+        return out
+
     def _one_link(self, where: sa.ColumnElement[bool]) -> Link | None:
         with self._conn() as conn:
             row = conn.execute(sa.select(t.links).where(where)).mappings().first()
@@ -245,6 +276,9 @@ class SqlStateStore(StateStore):
             "crm_version": link.crm_version,
             "pc_version": link.pc_version,
             "crm_written_hash": link.crm_written_hash,
+            "crm_written_fields": list(link.crm_written_fields)
+            if link.crm_written_fields is not None
+            else None,
             "pc_written_hash": link.pc_written_hash,
             "status": link.status,
             "status_detail": link.status_detail,
@@ -266,6 +300,17 @@ class SqlStateStore(StateStore):
             else:
                 conn.execute(sa.update(t.links).where(t.links.c.id == existing.id).values(**values))
         return replace(link, updated_at=now)
+
+    def forget_crm_writes(self, connection: str, crm_ids: Sequence[str]) -> None:
+        """Our writes to these opportunities have been read back (echo or peer rewrite, both noted)."""
+        ids = sorted(set(crm_ids))
+        with self._conn() as conn:
+            for i in range(0, len(ids), 500):
+                conn.execute(
+                    sa.update(t.links)
+                    .where(t.links.c.connection == connection, t.links.c.crm_id.in_(ids[i : i + 500]))
+                    .values(crm_written_hash=None, crm_written_fields=None)
+                )
 
     def iter_links(self, connection: str, batch: int = 1000) -> Iterator[Link]:
         """Every link of a connection, streamed in id order (keyset pages, never all in memory)."""
@@ -392,6 +437,16 @@ class SqlStateStore(StateStore):
 
     def mark_done(self, entry_id: int) -> None:
         self._set_outbox(entry_id, state=OutboxState.DONE.value, last_error="", wait_reason="")
+
+    def mark_done_many(self, entry_ids: Sequence[int]) -> None:
+        ids = sorted(set(entry_ids))
+        with self._conn() as conn:
+            for i in range(0, len(ids), 500):
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(t.outbox.c.id.in_(ids[i : i + 500]))
+                    .values(state=OutboxState.DONE.value, last_error="", wait_reason="")
+                )
 
     def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None:
         self._set_outbox(
@@ -776,6 +831,9 @@ def _link(row: Any) -> Link:
         crm_version=row["crm_version"],
         pc_version=row["pc_version"],
         crm_written_hash=row["crm_written_hash"],
+        crm_written_fields=tuple(row["crm_written_fields"])
+        if row["crm_written_fields"] is not None
+        else None,
         pc_written_hash=row["pc_written_hash"],
         status=row["status"],
         status_detail=row["status_detail"],

@@ -51,6 +51,7 @@ links = sa.Table(
     sa.Column("crm_version", sa.String(128)),
     sa.Column("pc_version", sa.String(128)),
     sa.Column("crm_written_hash", sa.String(64)),
+    sa.Column("crm_written_fields", sa.JSON),  # migration 0002
     sa.Column("pc_written_hash", sa.String(64)),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_detail", sa.Text, nullable=False),

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from connector.domain.merge import Policy, values_hash
+from connector.domain.merge import Policy, rewritten_fields, snapshot_of, values_hash
 from connector.domain.model import Deal
 from connector.errors import ConflictError, RecordError, RetryLater, RuleViolation
 from connector.logs import _scrub
@@ -95,6 +95,29 @@ class _Pending:
     applied_conflicts: list[int] = field(default_factory=list)
     #: waiting outbox entries of this record that no longer wait
     released_waits: list[str] = field(default_factory=list)
+    #: this record's Partner Center outbox rows, done once the page commits
+    outbox_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    """One planned record whose Partner Center writes have not gone yet."""
+
+    crm: Deal | None
+    referral: Deal | None
+    link: Link | None
+    plan: PairPlan
+    #: field -> (policy, conflict id): a human's conflict decisions this plan applied
+    decided: dict[str, tuple[Policy, int]]
+    depth: int = 0
+    ops: list[tuple[PcOp, OutboxEntry]] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    #: our last CRM write to this record has now been read back (echo or peer rewrite, noted)
+    read_back: bool = False
+
+    @property
+    def crm_id(self) -> str | None:
+        return self.crm.crm_id if self.crm else (self.link.crm_id if self.link else None)
 
 
 class SyncEngine:
@@ -129,6 +152,11 @@ class SyncEngine:
         self._report: RunReport | None = None
         self._touched_crm: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
+        #: this page's opportunities whose last write by us was read back, and what that found
+        self._read_back: list[str] = []
+        self._read_back_audit: list[AuditEntry] = []
+        #: idempotency keys of the connection's waiting outbox rows (releasing one is then one UPDATE)
+        self._waiting: set[str] = set()
         self._seen_referrals: set[str] = set()
         self._seen_opportunities: set[str] = set()
         self._by_reference: dict[str, list[str]] = {}
@@ -153,6 +181,9 @@ class SyncEngine:
             (d.system, d.record_id)
             for state in ("open", "retry")
             for d in self.store.dead_letters(self.name, state=state)
+        }
+        self._waiting = {
+            e.idempotency_key for e in self.store.outbox_entries(self.name, [OutboxState.WAITING])
         }
         bound = log.bind(connection=self.name, run_id=run_id, correlation_id=self.correlation_id)
         if not dry_run and not self.store.acquire_lease(self.name, self.holder, self.lease_ttl):
@@ -294,14 +325,22 @@ class SyncEngine:
     # --- pairing ----------------------------------------------------------------------------------
 
     def _reconcile_referrals(self, referrals: Sequence[Deal]) -> None:
+        ids = [r.referral_id for r in referrals if r.referral_id]
+        by_referral = self.store.links_by_referral_ids(self.name, ids) if ids else {}
+        unlinked_refs = [
+            r.external_reference_id
+            for r in referrals
+            if r.referral_id and r.referral_id not in by_referral and r.external_reference_id
+        ]
+        by_crm = self.store.links_by_crm_ids(self.name, unlinked_refs) if unlinked_refs else {}
         pairs: list[tuple[Deal, Link | None, str | None]] = []
         for referral in referrals:
             if referral.referral_id is None:
                 continue
-            link = self.store.link_by_referral(self.name, referral.referral_id)
+            link = by_referral.get(referral.referral_id)
             crm_id = link.crm_id if link else (referral.external_reference_id or None)
             if link is None and crm_id:
-                link = self.store.link_by_crm(self.name, crm_id)
+                link = by_crm.get(crm_id)
                 if link is not None and link.referral_id and link.referral_id != referral.referral_id:
                     # The opportunity is already paired with another referral: this one is a duplicate
                     # (registered twice, or by hand). Never re-pair or write it; report it for a human.
@@ -331,44 +370,36 @@ class SyncEngine:
         ]
         wanted = sorted({c for _, _, c in pairs if c})
         opportunities = {d.crm_id: d for d in self._get_crm(wanted)} if wanted else {}
-        pending: list[_Pending] = []
-        try:
-            for referral, link, crm_id in pairs:
-                crm = opportunities.get(crm_id) if crm_id else None
-                if crm_id and crm is None and link is not None and link.crm_id:
-                    self._orphan(link, f"opportunity {crm_id} is gone or no longer opted in")
-                    continue
-                if crm_id and crm is None:
-                    # The referral names an opportunity we could not read (malformed id, unreadable
-                    # record, out of scope): creating another one would duplicate the deal.
-                    why = f"its externalReferenceId names opportunity {crm_id}, which could not be read"
-                    self._fail(
-                        System.PARTNER_CENTER,
-                        referral.referral_id or "?",
-                        RecordError(why, cause="crm-reference-unreadable"),
-                    )
-                    continue
-                if crm is not None and crm.crm_id:
-                    self._touched_crm.add(crm.crm_id)
-                pending += self._reconcile(crm, referral, link)
-        except Exception:
-            self._flush(pending)  # what was already written to Partner Center keeps its new base
-            raise
-        self._flush(pending)
+        works: list[_Work] = []
+        for referral, link, crm_id in pairs:
+            crm = opportunities.get(crm_id) if crm_id else None
+            if crm_id and crm is None and link is not None and link.crm_id:
+                self._orphan(link, f"opportunity {crm_id} is gone or no longer opted in")
+                continue
+            if crm_id and crm is None:
+                # The referral names an opportunity we could not read (malformed id, unreadable
+                # record, out of scope): creating another one would duplicate the deal.
+                why = f"its externalReferenceId names opportunity {crm_id}, which could not be read"
+                self._fail(
+                    System.PARTNER_CENTER,
+                    referral.referral_id or "?",
+                    RecordError(why, cause="crm-reference-unreadable"),
+                )
+                continue
+            if crm is not None and crm.crm_id:
+                self._touched_crm.add(crm.crm_id)
+            work = self._plan_record(crm, referral, link)
+            if work is not None:
+                works.append(work)
+        self._execute_page(works)
 
     def _reconcile_opportunities(self, opportunities: Sequence[Deal]) -> None:
-        pending: list[_Pending] = []
-        try:
-            self._reconcile_opportunities_into(opportunities, pending)
-        except Exception:
-            self._flush(pending)  # what was already written to Partner Center keeps its new base
-            raise
-        self._flush(pending)
-
-    def _reconcile_opportunities_into(self, opportunities: Sequence[Deal], pending: list[_Pending]) -> None:
+        ids = [crm.crm_id for crm in opportunities if crm.crm_id]
+        links = self.store.links_by_crm_ids(self.name, ids) if ids else {}
+        works: list[_Work] = []
         for crm in opportunities:
             assert crm.crm_id is not None
-            link = self.store.link_by_crm(self.name, crm.crm_id)
+            link = links.get(crm.crm_id)
             referral = None
             if link is not None and link.referral_id:
                 try:
@@ -376,7 +407,21 @@ class SyncEngine:
                 except RecordError as exc:
                     self._fail(System.PARTNER_CENTER, link.referral_id, exc, crm_id=crm.crm_id)
                     continue
-            pending += self._reconcile(crm, referral, link)
+            work = self._plan_record(crm, referral, link)
+            if work is not None:
+                works.append(work)
+        self._execute_page(works)
+
+    def _execute_page(self, works: list[_Work]) -> None:
+        """A page's planned records: their outbox rows in one commit, then their Partner Center
+        writes, then one batched CRM write and one commit of links, audit and outbox completions."""
+        pending: list[_Pending] = []
+        try:
+            pending += self._execute(works)
+        except Exception:
+            self._flush(pending)  # what was already written to Partner Center keeps its new base
+            raise
+        self._flush(pending)
 
     def _get_crm(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
         try:
@@ -395,11 +440,13 @@ class SyncEngine:
 
     # --- one pair ---------------------------------------------------------------------------------
 
-    def _reconcile(
+    def _plan_record(
         self, crm: Deal | None, referral: Deal | None, link: Link | None, depth: int = 0
-    ) -> list[_Pending]:
+    ) -> _Work | None:
+        """Plan one pair; None when there is nothing to do (or the dry run only reports it)."""
         report = self._need_report()
-        record = (crm.crm_id if crm else None) or (referral.referral_id if referral else None) or "?"
+        # a re-plan after a 412 (depth 1) re-reads the referral, not the opportunity: checked once
+        read_back = self._check_read_back(crm, referral, link) if depth == 0 else True
         decided: dict[str, tuple[Policy, int]] = {}
         for key in (crm.crm_id if crm else None, referral.referral_id if referral else None):
             if key:
@@ -425,38 +472,146 @@ class SyncEngine:
             )
         except RecordError as exc:
             self._fail(*self._retry_key(crm, referral), exc)
-            return []
+            return None
         name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
         already_said = plan.skipped and link is not None and link.status_detail == f"skipped: {plan.skipped}"
         if plan.is_noop or (already_said and not (plan.pc_ops or plan.crm_changes or plan.crm_stage)):
             report.counts["skipped" if plan.skipped else "unchanged"] += 1
             if not report.dry_run:
                 self._clear_dead(crm.crm_id if crm else None, referral.referral_id if referral else None)
-            return []
+            return None
         report.planned.append(
             PlannedRecord(crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan)
         )
         if report.dry_run:
             report.counts["planned"] += 1
+            return None
+        return _Work(crm, referral, link, plan, decided, depth, read_back=read_back)
+
+    def _check_read_back(self, crm: Deal | None, referral: Deal | None, link: Link | None) -> bool:
+        """The first read of an opportunity after we wrote it: our own echo, or a peer automation
+        (a Flow, a workflow rule, a plug-in) that rewrote our values — counted, logged and audited."""
+        if crm is None or link is None or not link.crm_written_hash or link.crm_written_fields is None:
+            return False
+        if self._need_report().dry_run:
+            return False
+        assert crm.crm_id is not None
+        rewritten = rewritten_fields(
+            link.crm_written_fields, link.crm_written_hash, snapshot_of(crm), link.snapshot
+        )
+        if rewritten:
+            self._need_report().counts["peer_rewrites"] += 1
+            log.warning("crm.peer_rewrite", connection=self.name, crm_id=crm.crm_id, fields=list(rewritten))
+            now = snapshot_of(crm)
+            self._read_back_audit += [
+                self._audit("peer-rewrite", "none", f, link.snapshot.get(f), now.get(f), "echo-check",
+                            crm.crm_id, referral)
+                for f in rewritten
+            ]  # fmt: skip
+        self._read_back.append(crm.crm_id)
+        return True
+
+    def _execute(self, works: Sequence[_Work]) -> list[_Pending]:
+        if not works:
             return []
+        # Every Partner Center write of the page is in the outbox, with its idempotency key and the
+        # eTag it was based on, before the first request goes: one commit per page, not three per record.
+        with self.store.transaction():
+            for work in works:
+                self._stage(work)
+        pending: list[_Pending] = []
+        for work in works:
+            pending += self._send(work)
+        return pending
+
+    def _stage(self, work: _Work) -> None:
+        """Conflicts, waiting changes and outbox rows of one planned record (inside the page's commit)."""
+        report = self._need_report()
+        crm, referral, plan = work.crm, work.referral, work.plan
+        crm_id = work.crm_id
+        for conflict in plan.conflicts:
+            self.store.add_conflict(
+                Conflict(self.name, crm_id, referral.referral_id if referral else None, conflict.field,
+                         conflict.base, conflict.crm_value, conflict.pc_value)
+            )  # fmt: skip
+            work.audit.append(
+                self._audit("conflict", "none", conflict.field, conflict.crm_value, conflict.pc_value,
+                            "policy:manual", crm_id, referral)
+            )  # fmt: skip
+            report.counts["conflicts"] += 1
+        for refusal in plan.refusals:
+            work.audit.append(
+                self._audit("refused", "none", refusal.field, None, None, refusal.rule, crm_id, referral)
+            )
+        for waiting in plan.waiting:
+            work.audit.append(
+                self._audit("waiting", "none", waiting.field, None, None, waiting.rule, crm_id, referral)
+            )
+            self._wait(
+                crm_id or (referral.referral_id if referral else None) or "?", waiting.rule, waiting.message
+            )
+        record_key = crm_id or (referral.referral_id if referral else "") or "?"
+        for op in _coalesce(plan.pc_ops):
+            entry = self.store.enqueue(
+                OutboxEntry(
+                    self.name,
+                    System.PARTNER_CENTER,
+                    op.kind.value,
+                    record_key,
+                    payload={
+                        "crm_id": crm_id,
+                        "referral_id": referral.referral_id if referral else None,
+                        "rule": op.rule,
+                    },
+                    idempotency_key=str(uuid.uuid4()),
+                    based_on=referral.version.value if referral and referral.version else None,
+                )
+            )
+            work.ops.append((op, entry))
+        _ = crm  # the opportunity is read again in _send
+
+    def _send(self, work: _Work) -> list[_Pending]:
+        """One record's Partner Center writes, then its pending CRM change and link."""
+        report = self._need_report()
+        crm, referral, link = work.crm, work.referral, work.link
+        record = work.crm_id or (referral.referral_id if referral else None) or "?"
+        sent: list[tuple[PcOp, OutboxEntry]] = []
         try:
-            pending = self._act(crm, referral, link, plan)
-            pending.applied_conflicts = [cid for _, cid in decided.values()]
+            current = referral
+            for op, entry in work.ops:
+                current = self._pc_write(op, entry, current)
+                sent.append((op, entry))
+                report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
+            pending = self._pending(work, current)
+            pending.outbox_ids = [e.id for _, e in work.ops if e.id is not None]
+            pending.applied_conflicts = [cid for _, cid in work.decided.values()]
             return [pending]
         except ConflictError as exc:
-            if depth == 0 and referral is not None and referral.referral_id:
+            self._settle(work, sent)
+            if work.depth == 0 and referral is not None and referral.referral_id:
                 # The referral changed between our read and our write (412): re-read, re-plan, once.
                 report.counts["reread"] += 1
                 fresh = self.pc.get(referral.referral_id)
-                return self._reconcile(crm, fresh, link, depth=1)
+                again = self._plan_record(crm, fresh, link, depth=1)
+                return self._execute([again]) if again is not None else []
             self._fail(
                 *self._retry_key(crm, referral), RecordError(str(exc), record_id=record, cause="pc-conflict")
             )
         except RuleViolation as exc:
+            self._settle(work, sent)
             self._blocked(crm, referral, link, [(exc.rule, str(exc))])
         except RecordError as exc:
+            self._settle(work, sent)
             self._fail(*self._retry_key(crm, referral), exc)
         return []
+
+    def _settle(self, work: _Work, sent: Sequence[tuple[PcOp, OutboxEntry]]) -> None:
+        """A record whose writes stopped part-way: its outbox rows are done, except a create that
+        landed — that one stays pending so the next run adopts the referral by externalReferenceId."""
+        landed_creates = {id(e) for op, e in sent if op.kind is PcOpKind.CREATE}
+        self.store.mark_done_many(
+            [e.id for _, e in work.ops if e.id is not None and id(e) not in landed_creates]
+        )
 
     def _reason(self, crm_reason: str) -> str:
         """The CRM's lost/decline reason in Partner Center's words (the reasons value map)."""
@@ -473,44 +628,12 @@ class SyncEngine:
             return System.CRM, crm.crm_id
         return System.PARTNER_CENTER, (referral.referral_id if referral else None) or "?"
 
-    def _act(self, crm: Deal | None, referral: Deal | None, link: Link | None, plan: PairPlan) -> _Pending:
+    def _pending(self, work: _Work, current: Deal | None) -> _Pending:
+        """After the Partner Center writes: the record's CRM change (for the page's batch) and link."""
         report = self._need_report()
-        crm_id = crm.crm_id if crm else (link.crm_id if link else None)
-        audit: list[AuditEntry] = []
-        for conflict in plan.conflicts:
-            self.store.add_conflict(
-                Conflict(self.name, crm_id, referral.referral_id if referral else None, conflict.field,
-                         conflict.base, conflict.crm_value, conflict.pc_value)
-            )  # fmt: skip
-            audit.append(
-                self._audit(
-                    "conflict",
-                    "none",
-                    conflict.field,
-                    conflict.crm_value,
-                    conflict.pc_value,
-                    "policy:manual",
-                    crm_id,
-                    referral,
-                )
-            )
-            report.counts["conflicts"] += 1
-        for refusal in plan.refusals:
-            audit.append(
-                self._audit("refused", "none", refusal.field, None, None, refusal.rule, crm_id, referral)
-            )
-        for waiting in plan.waiting:
-            audit.append(
-                self._audit("waiting", "none", waiting.field, None, None, waiting.rule, crm_id, referral)
-            )
-            self._wait(
-                crm_id or (referral.referral_id if referral else None) or "?", waiting.rule, waiting.message
-            )
-        # Partner Center first: a created referral's id goes back to the CRM in the same page batch.
-        current = referral
-        for op in _coalesce(plan.pc_ops):
-            current = self._pc_write(op, current, crm_id)
-            report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
+        crm, referral, link, plan = work.crm, work.referral, work.link, work.plan
+        crm_id = work.crm_id
+        audit = work.audit
         # audited after the writes, so a created referral's id is on its rows
         for fieldname, direction, old, new, rule in plan.explanations:
             audit.append(
@@ -552,6 +675,13 @@ class SyncEngine:
                 key=uuid.uuid4().hex,
             )
         base = dict(plan.base)
+        # what we write now is checked when first read back; fields the adapter cannot write are not
+        written = {f: v for f, v in fields.items() if f not in self.crm.write_unsupported}
+        written_hash, written_fields = (
+            (link.crm_written_hash, link.crm_written_fields) if link and not work.read_back else (None, None)
+        )
+        if written:
+            written_hash, written_fields = values_hash(written), tuple(sorted(written))
         new_link = Link(
             self.name,
             crm_id,
@@ -561,66 +691,44 @@ class SyncEngine:
             pc_version=current.version.value
             if current and current.version
             else (link.pc_version if link else None),
-            crm_written_hash=values_hash(fields) if fields else (link.crm_written_hash if link else None),
+            crm_written_hash=written_hash,
+            crm_written_fields=written_fields,
             pc_written_hash=link.pc_written_hash if link else None,
             status="blocked" if plan.refusals else "linked",
             status_detail=status,
         )
         still = {w.rule for w in plan.waiting}
         record_key = crm_id or (referral.referral_id if referral else None) or "?"
-        released = [self._wait_key(record_key, rule) for rule in WAITING_RULES if rule not in still]
+        released = [
+            key
+            for key in (self._wait_key(record_key, rule) for rule in WAITING_RULES if rule not in still)
+            if key in self._waiting
+        ]
         return _Pending(new_link, change, audit, released_waits=released)
 
-    def _pc_write(self, op: PcOp, current: Deal | None, crm_id: str | None) -> Deal:
-        """One Partner Center write, with its outbox row committed before the request."""
-        key = str(uuid.uuid4())
-        record_key = crm_id or (current.referral_id if current else "") or "?"
-        entry = self.store.enqueue(
-            OutboxEntry(
-                self.name,
-                System.PARTNER_CENTER,
-                op.kind.value,
-                record_key,
-                payload={
-                    "crm_id": crm_id,
-                    "referral_id": current.referral_id if current else None,
-                    "rule": op.rule,
-                },
-                idempotency_key=key,
-                based_on=current.version.value if current and current.version else None,
-            )
-        )
+    def _pc_write(self, op: PcOp, entry: OutboxEntry, current: Deal | None) -> Deal:
+        """One Partner Center write; its outbox row was committed with the page's before the request
+        and is marked done in the page's final commit."""
         if op.kind is PcOpKind.CREATE:
-            created = self.pc.create(op.after, request_id=key)
-            if crm_id:
-                # Record the pairing at once: a crash before the page commits must not lose it.
-                self.store.save_link(
-                    Link(
-                        self.name,
-                        crm_id,
-                        created.referral_id,
-                        snapshot={},
-                        status="linked",
-                        status_detail="creating",
-                    )
-                )
-            result = created
-        else:
-            assert current is not None
-            after = replace(op.after, version=current.version)
-            result = self.pc.update(current, after, request_id=key)
-        assert entry.id is not None
-        self.store.mark_done(entry.id)
-        return result
+            return self.pc.create(op.after, request_id=entry.idempotency_key)
+        assert current is not None
+        after = replace(op.after, version=current.version)
+        return self.pc.update(current, after, request_id=entry.idempotency_key)
 
     def _flush(self, pending: list[_Pending]) -> None:
         """End of a page: one batched CRM write, then links + audit in one transaction."""
-        if not pending:
+        read_back, notes = self._read_back, self._read_back_audit
+        self._read_back, self._read_back_audit = [], []
+        if not pending and not read_back:
             return
         report = self._need_report()
         changes = [p.change for p in pending if p.change is not None]
         results = {r.key: r for r in self.crm.apply(changes)} if changes else {}
+        audit: list[AuditEntry] = list(notes)
         with self.store.transaction():
+            # before the links are saved: a link written in this page carries its new write's hash
+            self.store.forget_crm_writes(self.name, read_back)
+            self.store.mark_done_many([i for p in pending for i in p.outbox_ids])
             for p in pending:
                 link = p.link
                 if p.change is not None:
@@ -658,13 +766,13 @@ class SyncEngine:
                 self.store.save_link(link)
                 for conflict_id in p.applied_conflicts:
                     self.store.mark_conflict_applied(conflict_id)
-                self.store.complete_waiting(p.released_waits)
-                if link.crm_id:
-                    self.store.clear_dead_letter(self.name, System.CRM, link.crm_id)
-                if link.referral_id:
-                    self.store.clear_dead_letter(self.name, System.PARTNER_CENTER, link.referral_id)
-                self.store.append_audit(p.audit)
+                if p.released_waits:
+                    self.store.complete_waiting(p.released_waits)
+                    self._waiting -= set(p.released_waits)
+                self._clear_dead(link.crm_id, link.referral_id)
+                audit += p.audit
                 report.counts["synced"] += 1
+            self.store.append_audit(audit)
 
     # --- outbox, dead letters, problems -----------------------------------------------------------
 
@@ -792,6 +900,7 @@ class SyncEngine:
             )
         )
         assert entry.id is not None
+        self._waiting.add(entry.idempotency_key)
 
     def _orphan(self, link: Link, why: str) -> None:
         report = self._need_report()

@@ -17,7 +17,7 @@ from connector.settings import DynamicsCrm, Settings
 from connector.state import StateStore, open_store
 from connector.sync.engine import SyncEngine
 
-__all__ = ["RunContext", "connection_mappings", "run_context"]
+__all__ = ["ConnectionClients", "RunContext", "connection_mappings", "run_context"]
 
 
 @dataclass
@@ -37,6 +37,60 @@ def _solution_map(mappings: MappingSet) -> dict[str, Solution]:
     return {crm: Solution(SolutionKind.OWN, pc) for crm, pc in mappings.values["solutions"].pairs}
 
 
+class ConnectionClients:
+    """The remote clients of one connection: the Partner Center client and the CRM adapter, on one
+    call counter and one CA bundle.
+
+    A one-off ``cosell sync`` builds them for its run and closes them after. The daemon keeps one set
+    per connection across runs, so that an idle run costs one read call per system: the sign-in, the
+    CRM's field and stage metadata (re-read after the adapter's ``metadata_ttl``) and the HTTP
+    connections stay warm between runs instead of being paid again every few minutes."""
+
+    def __init__(self, settings: Settings, name: str, *, policy: RetryPolicy | None = None) -> None:
+        self.name = name
+        conn = settings.connection(name)
+        self.mappings = connection_mappings(settings, name)
+        self.calls = CallCounter()
+        with ExitStack() as stack:
+            from connector.partner_center.client import PartnerCenterClient
+
+            self.pc = PartnerCenterClient.from_settings(settings, name, calls=self.calls, policy=policy)
+            stack.callback(self.pc.close)
+            self.crm: CrmAdapter
+            if isinstance(conn.crm, DynamicsCrm):
+                from connector.dynamics.adapter import build_adapter, dataverse_signin
+
+                tokens = dataverse_signin(conn.crm, settings.tls.ca_bundle)
+                stack.callback(tokens.close)
+                dyn = build_adapter(
+                    conn.crm,
+                    tokens=tokens,
+                    ca_bundle=settings.tls.ca_bundle,
+                    calls=self.calls,
+                    policy=policy,
+                    stage_mapping=self.mappings.stages,
+                )
+                stack.callback(dyn.close)
+                self.crm = dyn
+            else:
+                from connector.salesforce.adapter import SalesforceAdapter
+
+                sf = SalesforceAdapter(
+                    conn.crm,
+                    ca_bundle=settings.tls.ca_bundle,
+                    calls=self.calls,
+                    policy=policy,
+                    stage_mapping=self.mappings.stages,
+                    solution_map=_solution_map(self.mappings),
+                )
+                stack.callback(sf.close)
+                self.crm = sf
+            self._closing = stack.pop_all()
+
+    def close(self) -> None:
+        self._closing.close()
+
+
 @contextmanager
 def run_context(
     settings: Settings,
@@ -45,54 +99,27 @@ def run_context(
     *,
     policy: RetryPolicy | None = None,
     holder: str | None = None,
+    clients: ConnectionClients | None = None,
 ) -> Iterator[RunContext]:
-    """A ready engine for one run of connection ``name``; closes every client afterwards."""
+    """A ready engine for one run of connection ``name``. Without ``clients`` the run builds its own
+    and closes them afterwards; with them (the daemon's), they stay open for the next run.
+    ``RunContext.calls`` counts this run's calls only."""
     conn = settings.connection(name)
-    mappings = connection_mappings(settings, name)
-    calls = CallCounter()
     correlation_id = str(uuid.uuid4())
     with ExitStack() as stack:
         if store is None:
             own = open_store(settings.state_url)
             stack.callback(own.close)
             store = own
-        from connector.partner_center.client import PartnerCenterClient
-
-        pc = PartnerCenterClient.from_settings(
-            settings, name, calls=calls, policy=policy, correlation_id=correlation_id
-        )
-        stack.callback(pc.close)
-        crm: CrmAdapter
-        if isinstance(conn.crm, DynamicsCrm):
-            from connector.dynamics.adapter import build_adapter, dataverse_signin
-
-            tokens = dataverse_signin(conn.crm, settings.tls.ca_bundle)
-            stack.callback(tokens.close)
-            dyn = build_adapter(
-                conn.crm,
-                tokens=tokens,
-                ca_bundle=settings.tls.ca_bundle,
-                calls=calls,
-                policy=policy,
-                stage_mapping=mappings.stages,
-            )
-            stack.callback(dyn.close)
-            crm = dyn
-        else:
-            from connector.salesforce.adapter import SalesforceAdapter
-
-            sf = SalesforceAdapter(
-                conn.crm,
-                ca_bundle=settings.tls.ca_bundle,
-                calls=calls,
-                policy=policy,
-                stage_mapping=mappings.stages,
-                solution_map=_solution_map(mappings),
-            )
-            stack.callback(sf.close)
-            crm = sf
-        referrals: ReferralStore = pc
+        if clients is None:
+            clients = ConnectionClients(settings, name, policy=policy)
+            stack.callback(clients.close)
+        calls = clients.calls.window()
+        # MS-CorrelationId ties one run's Partner Center requests together (partner-center-api.md)
+        clients.pc.correlation_id = correlation_id
+        referrals: ReferralStore = clients.pc
         engine = SyncEngine(
-            name, conn, store, crm, referrals, mappings, holder=holder, correlation_id=correlation_id
-        )
-        yield RunContext(engine, calls, mappings)
+            name, conn, store, clients.crm, referrals, clients.mappings, holder=holder,
+            correlation_id=correlation_id,
+        )  # fmt: skip
+        yield RunContext(engine, calls, clients.mappings)

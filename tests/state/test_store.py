@@ -51,6 +51,38 @@ def test_migrations_match_the_table_model(store: SqlStateStore) -> None:
     assert store.schema_revision()[0] == store.schema_revision()[1]
 
 
+def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
+    """A store created by an older release is upgraded in place at start, its rows intact."""
+    from alembic import command
+    from alembic.config import Config
+
+    from connector.state.store import MIGRATIONS
+
+    engine = sa.create_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(
+            sa.text(
+                "INSERT INTO links (connection, crm_id, referral_id, snapshot, crm_written_hash, status,"
+                " status_detail, updated_at) VALUES ('acme', '006A', 'r-1', '{\"name\": \"Deal\"}',"
+                " :h, 'linked', 'synced', :at)"
+            ),
+            {"h": "h" * 64, "at": T0},
+        )
+    engine.dispose()
+    store = open_store(store_url)  # migrates to the newest revision
+    try:
+        assert store.schema_revision()[0] == store.schema_revision()[1] != "0001"
+        link = store.link_by_crm("acme", "006A")
+        assert link is not None and link.snapshot == {"name": "Deal"} and link.referral_id == "r-1"
+        assert link.crm_written_hash == "h" * 64 and link.crm_written_fields is None
+    finally:
+        store.close()
+
+
 def test_migrate_is_idempotent(store_url: str) -> None:
     open_store(store_url).close()
     again = open_store(store_url)
@@ -72,6 +104,34 @@ def test_links_round_trip_and_upsert_by_either_id(store: SqlStateStore) -> None:
     assert got is not None and got.snapshot == {"name": "Renamed"} and got.pc_version == '"e1"'
     assert store.link_by_crm("other", "006A") is None
     assert store.count_links("acme") == {"linked": 1}
+
+
+def test_a_page_of_links_is_read_in_one_call_by_either_id(store: SqlStateStore) -> None:
+    for i in range(1200):  # more than one IN chunk
+        store.save_link(Link("acme", f"006{i:04d}", f"r-{i}" if i % 2 else None))
+    store.save_link(Link("other", "0060001", "r-x"))
+    wanted = [f"006{i:04d}" for i in range(0, 1200, 3)] + ["006-missing", "0060003"]
+    by_crm = store.links_by_crm_ids("acme", wanted)
+    assert set(by_crm) == {f"006{i:04d}" for i in range(0, 1200, 3)}
+    assert by_crm["0060003"].referral_id == "r-3"
+    by_ref = store.links_by_referral_ids("acme", ["r-1", "r-2", "r-1199", "r-x"])
+    assert {k: v.crm_id for k, v in by_ref.items()} == {"r-1": "0060001", "r-1199": "0061199"}
+    assert store.links_by_crm_ids("acme", []) == {}
+
+
+def test_written_fields_are_kept_until_read_back(store: SqlStateStore) -> None:
+    store.save_link(
+        Link("acme", "006A", "r-1", crm_written_hash="h" * 64, crm_written_fields=("notes", "value"))
+    )
+    store.save_link(Link("acme", "006B", "r-2", crm_written_hash="g" * 64, crm_written_fields=("name",)))
+    got = store.link_by_crm("acme", "006A")
+    assert (
+        got is not None and got.crm_written_fields == ("notes", "value") and got.crm_written_hash == "h" * 64
+    )
+    store.forget_crm_writes("acme", ["006A"])
+    after = store.links_by_crm_ids("acme", ["006A", "006B"])
+    assert after["006A"].crm_written_hash is None and after["006A"].crm_written_fields is None
+    assert after["006B"].crm_written_fields == ("name",)
 
 
 def test_one_referral_links_to_one_opportunity(store: SqlStateStore) -> None:
@@ -272,6 +332,13 @@ def test_unreachable_database_is_retry_later() -> None:
     with pytest.raises(RetryLater, match="unreachable") as info:
         open_store("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
     assert "secret" not in str(info.value)
+
+
+def test_outbox_rows_are_marked_done_in_bulk(store: SqlStateStore) -> None:
+    ids = [store.enqueue(entry(f"k{i}")).id for i in range(3)]
+    store.mark_done_many([i for i in ids[:2] if i is not None])
+    states = {e.idempotency_key: e.state for e in store.outbox_entries("acme")}
+    assert states == {"k0": OutboxState.DONE, "k1": OutboxState.DONE, "k2": OutboxState.PENDING}
 
 
 def test_waiting_entries_are_released_by_key(store: SqlStateStore) -> None:

@@ -143,3 +143,14 @@ def test_first_pairing_never_lets_an_empty_value_wipe_the_other_side() -> None:
     )
     assert plan.toward(Direction.TO_CRM) == {"notes": "Microsoft seller engaged"}
     assert plan.toward(Direction.TO_PARTNER_CENTER) == {}
+
+
+def test_a_read_back_tells_our_echo_from_a_peer_rewrite() -> None:
+    from connector.domain.merge import rewritten_fields, values_hash
+
+    base = {"notes": "from PC", "value": "100", "name": "Deal"}
+    written = ("notes", "value")
+    digest = values_hash({"notes": "from PC", "value": "100"})
+    assert rewritten_fields(written, digest, {**base, "name": "Renamed by a human"}, base) == ()
+    rewritten = {**base, "notes": "normalised by a CRM flow"}
+    assert rewritten_fields(written, digest, rewritten, base) == ("notes",)
