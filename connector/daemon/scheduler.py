@@ -54,7 +54,7 @@ from connector.remote.calls import CallCounter
 from connector.remote.retry import RetryPolicy
 from connector.settings import Schedule, Settings
 from connector.state import StateStore
-from connector.sync.factory import run_context
+from connector.sync.factory import ConnectionClients, run_context
 
 __all__ = ["DAEMON_RETRY_POLICY", "ConnectionStatus", "Daemon", "build_trigger", "connection_names"]
 
@@ -184,6 +184,9 @@ class Daemon:
         self._queued: dict[str, dict[str, None]] = {n: {} for n in names}
         self._draining: set[str] = set()
         self._queue_lock = threading.Lock()
+        # Each connection's clients live across its runs (one run at a time per connection), so an
+        # idle run pays one read call per system, not a sign-in and the CRM's metadata every time.
+        self._clients: dict[str, ConnectionClients] = {}
         self.scheduler = BackgroundScheduler(
             timezone="UTC",
             executors={"default": ThreadPoolExecutor(max_workers=2 * len(names) + 1)},
@@ -253,6 +256,8 @@ class Daemon:
             # wait=False: our own bounded wait above replaced APScheduler's unbounded one
             self.scheduler.shutdown(wait=False)
         if clean:
+            for name in list(self._clients):
+                self._drop_clients(name)
             log.info("daemon.stopped")
         else:
             log.warning("daemon.stop_timeout", grace_seconds=grace, running=self.running())
@@ -335,7 +340,9 @@ class Daemon:
         error: BaseException | None = None
         outcome = "failed"
         try:
-            with run_context(self.settings, name, self.store, policy=self.policy, holder=self.holder) as ctx:
+            with run_context(
+                self.settings, name, self.store, policy=self.policy, holder=self.holder, keep=self._clients
+            ) as ctx:
                 calls = ctx.calls
                 try:
                     if referral_id is not None:
@@ -358,6 +365,8 @@ class Daemon:
             status.not_before = 0.0
             status.retry_not_before = None
         else:
+            # a failed run starts the next one from fresh clients: a new sign-in, re-read metadata
+            self._drop_clients(name)
             status.consecutive_failures += 1
             delay = backoff_delay(
                 status.base,
@@ -393,6 +402,14 @@ class Daemon:
         )
         self._refresh_store_metrics(name)
         return outcome
+
+    def _drop_clients(self, name: str) -> None:
+        clients = self._clients.pop(name, None)
+        if clients is not None:
+            try:
+                clients.close()
+            except Exception:  # closing a broken connection must not hide the run's own error
+                log.warning("daemon.clients_close_failed", connection=name, exc_info=True)
 
     # --- webhook-triggered targeted syncs ---------------------------------------------------------
 

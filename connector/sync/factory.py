@@ -100,10 +100,11 @@ def run_context(
     policy: RetryPolicy | None = None,
     holder: str | None = None,
     clients: ConnectionClients | None = None,
+    keep: dict[str, ConnectionClients] | None = None,
 ) -> Iterator[RunContext]:
     """A ready engine for one run of connection ``name``. Without ``clients`` the run builds its own
-    and closes them afterwards; with them (the daemon's), they stay open for the next run.
-    ``RunContext.calls`` counts this run's calls only."""
+    and closes them afterwards; with them, or with a ``keep`` cache (the daemon's, by connection
+    name) they stay open for the next run. ``RunContext.calls`` counts this run's calls only."""
     conn = settings.connection(name)
     correlation_id = str(uuid.uuid4())
     with ExitStack() as stack:
@@ -111,6 +112,10 @@ def run_context(
             own = open_store(settings.state_url)
             stack.callback(own.close)
             store = own
+        if clients is None and keep is not None:
+            clients = keep.get(name)
+            if clients is None:
+                clients = keep[name] = ConnectionClients(settings, name, policy=policy)
         if clients is None:
             clients = ConnectionClients(settings, name, policy=policy)
             stack.callback(clients.close)

@@ -70,7 +70,14 @@ class Runs:
 
     @contextmanager
     def context(
-        self, settings: Settings, name: str, store: Any, *, policy: Any = None, holder: str | None = None
+        self,
+        settings: Settings,
+        name: str,
+        store: Any,
+        *,
+        policy: Any = None,
+        holder: str | None = None,
+        keep: Any = None,
     ) -> Iterator[Any]:
         calls = CallCounter()
         runs = self
