@@ -176,6 +176,7 @@ class PartnerCenterClient:
             page_size=pc.page_size,
             lookback=pc.lookback,
             allow_backward_stages=conn.policy.allow_backward_stages,
+            patch_name=pc.patch_name,
             correlation_id=correlation_id,
         )
         client._owned = owned

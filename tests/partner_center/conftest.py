@@ -116,7 +116,9 @@ def policy(waits: list[float]) -> RetryPolicy:
 def write_config(tmp_path: Path) -> Callable[..., Settings]:
     """Write a config file for connection ``acme`` and load it the way the CLI does."""
 
-    def write(*, authority: str, base_url: str, ca_bundle: Path | None, **pc_auth: Any) -> Settings:
+    def write(
+        *, authority: str, base_url: str, ca_bundle: Path | None, patch_name: bool = False, **pc_auth: Any
+    ) -> Settings:
         config: dict[str, Any] = {
             "data_dir": str(tmp_path / "state"),
             "connections": {
@@ -130,6 +132,7 @@ def write_config(tmp_path: Path) -> Callable[..., Settings]:
                         "authority": authority,
                         "auth": {"client_id": CLIENT_ID, **pc_auth},
                         "page_size": 100,
+                        "patch_name": patch_name,
                     },
                     "mappings": ["mappings/default.yaml"],
                 }

@@ -94,6 +94,32 @@ def test_published_next_links_are_rewritten_onto_the_base_url(
     assert requests[0].arg("$skiptoken") is None and requests[2].arg("$skiptoken")
 
 
+def test_a_rename_is_sent_only_where_the_connection_enables_name_patches(
+    ca: TwinCA,
+    idp: IdpTwin,
+    pc: PartnerCenterTwin,
+    write_config: Callable[..., Settings],
+    ca_pem: Path,
+    sign_in: Callable[[Settings], None],
+) -> None:
+    rid = pc.seed(1)[0]
+    for enabled in (False, True):
+        settings = write_config(
+            authority=idp.authority, base_url=pc.api_base_url, ca_bundle=ca_pem, patch_name=enabled
+        )
+        sign_in(settings)
+        with PartnerCenterClient.from_settings(settings, CONNECTION) as client:
+            assert client.patch_name is enabled
+            before = client.get(rid)
+            renamed = replace(before, name="Renamed", notes="edited too")
+            if not enabled:  # the rename is left out (and logged); the rest of the change goes
+                after = client.update(before, renamed, request_id="rename-off")
+                assert after.name == before.name and after.notes == "edited too"
+            else:  # the twin keeps to the Swagger's PATCH paths: the tenant must confirm /name first
+                with pytest.raises(RecordError, match="path /name cannot be patched"):
+                    client.update(client.get(rid), renamed, request_id="rename-on")
+
+
 def test_incremental_listing_uses_the_servers_updated_time(
     client: PartnerCenterClient, pc: PartnerCenterTwin, clock: Clock
 ) -> None:
