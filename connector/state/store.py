@@ -71,6 +71,8 @@ class StateStore(ABC):
     @abstractmethod
     def save_link(self, link: Link) -> Link: ...
     @abstractmethod
+    def save_links(self, links: Sequence[Link]) -> None: ...
+    @abstractmethod
     def forget_crm_writes(self, connection: str, crm_ids: Sequence[str]) -> None: ...
     @abstractmethod
     def iter_links(self, connection: str, batch: int = 1000) -> Iterator[Link]: ...
@@ -88,6 +90,8 @@ class StateStore(ABC):
     # --- outbox
     @abstractmethod
     def enqueue(self, entry: OutboxEntry) -> OutboxEntry: ...
+    @abstractmethod
+    def enqueue_many(self, entries: Sequence[OutboxEntry]) -> list[OutboxEntry]: ...
     @abstractmethod
     def due(self, connection: str, now: datetime | None = None, limit: int = 1000) -> list[OutboxEntry]: ...
     @abstractmethod
@@ -265,41 +269,64 @@ class SqlStateStore(StateStore):
 
     def save_link(self, link: Link) -> Link:
         """Insert or update by CRM id or referral id (whichever is known)."""
-        if link.crm_id is None and link.referral_id is None:
-            raise ValueError("a link needs a CRM id or a referral id")
         now = _now()
-        values = {
-            "connection": link.connection,
-            "crm_id": link.crm_id,
-            "referral_id": link.referral_id,
-            "snapshot": link.snapshot,
-            "crm_version": link.crm_version,
-            "pc_version": link.pc_version,
-            "crm_written_hash": link.crm_written_hash,
-            "crm_written_fields": list(link.crm_written_fields)
-            if link.crm_written_fields is not None
-            else None,
-            "pc_written_hash": link.pc_written_hash,
-            "status": link.status,
-            "status_detail": link.status_detail,
-            "updated_at": now,
-        }
-        with self._conn() as conn:
-            # Match by CRM id first, then by referral id; the unique constraints turn an attempt to
-            # pair one referral with a second opportunity into an IntegrityError, never a silent relink.
-            existing = None
-            for column, value in ((t.links.c.crm_id, link.crm_id), (t.links.c.referral_id, link.referral_id)):
-                if value is not None and existing is None:
-                    existing = conn.execute(
-                        sa.select(t.links.c.id).where(
-                            t.links.c.connection == link.connection, column == value
-                        )
-                    ).first()
-            if existing is None:
-                conn.execute(sa.insert(t.links).values(**values))
-            else:
-                conn.execute(sa.update(t.links).where(t.links.c.id == existing.id).values(**values))
+        self.save_links([link], now=now)
         return replace(link, updated_at=now)
+
+    def save_links(self, links: Sequence[Link], *, now: datetime | None = None) -> None:
+        """Insert or update a page of links, each matched by CRM id first, then by referral id: a few
+        IN queries and two executemany statements, not a round trip per record. The unique
+        constraints turn an attempt to pair one referral with a second opportunity into an
+        IntegrityError, never a silent relink."""
+        if not links:
+            return
+        for link in links:
+            if link.crm_id is None and link.referral_id is None:
+                raise ValueError("a link needs a CRM id or a referral id")
+        # one record saved twice in a batch: the later state wins, as with one save after the other
+        last = {(k.connection, k.crm_id or "", "" if k.crm_id else k.referral_id): k for k in links}
+        links = list(last.values())
+        now = now or _now()
+        with self._conn() as conn:
+            existing: dict[tuple[str, str, str], int] = {}
+            for column, attr in ((t.links.c.crm_id, "crm_id"), (t.links.c.referral_id, "referral_id")):
+                by_connection: dict[str, set[str]] = {}
+                for link in links:
+                    value = getattr(link, attr)
+                    if value is not None:
+                        by_connection.setdefault(link.connection, set()).add(value)
+                for connection, wanted in by_connection.items():
+                    ordered = sorted(wanted)
+                    for i in range(0, len(ordered), 500):
+                        rows = conn.execute(
+                            sa.select(t.links.c.id, column).where(
+                                t.links.c.connection == connection, column.in_(ordered[i : i + 500])
+                            )
+                        )
+                        existing.update({(connection, attr, value): row_id for row_id, value in rows})
+            inserts: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
+            for link in links:
+                row_id = None
+                for attr in ("crm_id", "referral_id"):
+                    value = getattr(link, attr)
+                    if row_id is None and value is not None:
+                        row_id = existing.get((link.connection, attr, value))
+                row = _link_values(link, now)
+                if row_id is None:
+                    inserts.append(row)
+                else:
+                    updates.append({"row_id": row_id, **{f"v_{k}": v for k, v in row.items()}})
+            if inserts:
+                conn.execute(sa.insert(t.links), inserts)
+            if updates:
+                conn.execute(
+                    sa.update(t.links)
+                    .where(t.links.c.id == sa.bindparam("row_id"))
+                    # bind names differ from the column names: SQLAlchemy reserves those for SET
+                    .values({k[2:]: sa.bindparam(k) for k in updates[0] if k != "row_id"}),
+                    updates,
+                )
 
     def forget_crm_writes(self, connection: str, crm_ids: Sequence[str]) -> None:
         """Our writes to these opportunities have been read back (echo or peer rewrite, both noted)."""
@@ -403,6 +430,40 @@ class SqlStateStore(StateStore):
             )
             new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
         return replace(entry, id=new_id, created_at=now, next_attempt_at=entry.next_attempt_at or now)
+
+    def enqueue_many(self, entries: Sequence[OutboxEntry]) -> list[OutboxEntry]:
+        """A page's new writes in one statement; their ids come back in order (INSERT .. RETURNING,
+        which SQLite 3.35+ and PostgreSQL both have). Keys must be new: a reused key is an error."""
+        if not entries:
+            return []
+        now = _now()
+        rows = [
+            {
+                "connection": e.connection,
+                "target": e.target.value,
+                "operation": e.operation,
+                "record_key": e.record_key,
+                "payload": e.payload,
+                "idempotency_key": e.idempotency_key,
+                "based_on": e.based_on,
+                "state": e.state.value,
+                "attempts": e.attempts,
+                "wait_reason": e.wait_reason,
+                "last_error": e.last_error,
+                "created_at": now,
+                "next_attempt_at": e.next_attempt_at or now,
+            }
+            for e in entries
+        ]
+        with self._conn() as conn:
+            result = conn.execute(
+                sa.insert(t.outbox).returning(t.outbox.c.id, sort_by_parameter_order=True), rows
+            )
+            ids = [row.id for row in result]
+        return [
+            replace(e, id=i, created_at=now, next_attempt_at=e.next_attempt_at or now)
+            for e, i in zip(entries, ids, strict=True)
+        ]
 
     def due(self, connection: str, now: datetime | None = None, limit: int = 1000) -> list[OutboxEntry]:
         """Pending and waiting entries whose time has come, oldest first."""
@@ -820,6 +881,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # --- row -> record ---------------------------------------------------------------------------------
+
+
+def _link_values(link: Link, now: datetime) -> dict[str, Any]:
+    return {
+        "connection": link.connection,
+        "crm_id": link.crm_id,
+        "referral_id": link.referral_id,
+        "snapshot": link.snapshot,
+        "crm_version": link.crm_version,
+        "pc_version": link.pc_version,
+        "crm_written_hash": link.crm_written_hash,
+        "crm_written_fields": list(link.crm_written_fields) if link.crm_written_fields is not None else None,
+        "pc_written_hash": link.pc_written_hash,
+        "status": link.status,
+        "status_detail": link.status_detail,
+        "updated_at": now,
+    }
 
 
 def _link(row: Any) -> Link:

@@ -517,17 +517,20 @@ class SyncEngine:
         # Every Partner Center write of the page is in the outbox, with its idempotency key and the
         # eTag it was based on, before the first request goes: one commit per page, not three per record.
         with self.store.transaction():
-            for work in works:
-                self._stage(work)
+            planned = [(work, op, entry) for work in works for op, entry in self._stage(work)]
+            saved = self.store.enqueue_many([entry for _, _, entry in planned])
+            for (work, op, _), entry in zip(planned, saved, strict=True):
+                work.ops.append((op, entry))
         pending: list[_Pending] = []
         for work in works:
             pending += self._send(work)
         return pending
 
-    def _stage(self, work: _Work) -> None:
-        """Conflicts, waiting changes and outbox rows of one planned record (inside the page's commit)."""
+    def _stage(self, work: _Work) -> list[tuple[PcOp, OutboxEntry]]:
+        """Conflicts and waiting changes of one planned record, and its outbox rows to be (inside the
+        page's commit)."""
         report = self._need_report()
-        crm, referral, plan = work.crm, work.referral, work.plan
+        referral, plan = work.referral, work.plan
         crm_id = work.crm_id
         for conflict in plan.conflicts:
             self.store.add_conflict(
@@ -551,8 +554,9 @@ class SyncEngine:
                 crm_id or (referral.referral_id if referral else None) or "?", waiting.rule, waiting.message
             )
         record_key = crm_id or (referral.referral_id if referral else "") or "?"
-        for op in _coalesce(plan.pc_ops):
-            entry = self.store.enqueue(
+        return [
+            (
+                op,
                 OutboxEntry(
                     self.name,
                     System.PARTNER_CENTER,
@@ -565,10 +569,10 @@ class SyncEngine:
                     },
                     idempotency_key=str(uuid.uuid4()),
                     based_on=referral.version.value if referral and referral.version else None,
-                )
+                ),
             )
-            work.ops.append((op, entry))
-        _ = crm  # the opportunity is read again in _send
+            for op in _coalesce(plan.pc_ops)
+        ]
 
     def _send(self, work: _Work) -> list[_Pending]:
         """One record's Partner Center writes, then its pending CRM change and link."""
@@ -725,6 +729,7 @@ class SyncEngine:
         changes = [p.change for p in pending if p.change is not None]
         results = {r.key: r for r in self.crm.apply(changes)} if changes else {}
         audit: list[AuditEntry] = list(notes)
+        links: list[Link] = []
         with self.store.transaction():
             # before the links are saved: a link written in this page carries its new write's hash
             self.store.forget_crm_writes(self.name, read_back)
@@ -763,7 +768,7 @@ class SyncEngine:
                         link = replace(link, crm_version=result.new_version)
                 if link.crm_id is None and link.referral_id is None:
                     continue
-                self.store.save_link(link)
+                links.append(link)
                 for conflict_id in p.applied_conflicts:
                     self.store.mark_conflict_applied(conflict_id)
                 if p.released_waits:
@@ -772,6 +777,7 @@ class SyncEngine:
                 self._clear_dead(link.crm_id, link.referral_id)
                 audit += p.audit
                 report.counts["synced"] += 1
+            self.store.save_links(links)
             self.store.append_audit(audit)
 
     # --- outbox, dead letters, problems -----------------------------------------------------------

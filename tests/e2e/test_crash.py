@@ -58,7 +58,7 @@ POINTS: dict[str, Callable[[int], Any]] = {}
         ("pc-create-landed", 1),  # the POST reached Partner Center; the answer was never recorded
         ("pc-create-landed", 7),
         ("crm-batch", 1),  # died while writing the page's CRM batch
-        ("before-flush-save", 3),  # died between two records of the page commit
+        ("in-page-commit", 1),  # died inside the page commit (links saved, audit not yet)
         ("before-cursor", 1),  # died after the page, before its cursor
         ("pc-patch-landed", 2),  # a field change reached Partner Center; the base was not saved
     ],
@@ -76,7 +76,7 @@ def test_a_crash_anywhere_converges_without_duplicates(
         "pc-create-landed": (PartnerCenterClient, "create", True),
         "pc-patch-landed": (PartnerCenterClient, "update", True),
         "crm-batch": (SalesforceAdapter, "apply", False),
-        "before-flush-save": (SqlStateStore, "save_link", False),
+        "in-page-commit": (SqlStateStore, "append_audit", False),
         "before-cursor": (SqlStateStore, "set_cursor", False),
     }[point]
     cls, method, after = target

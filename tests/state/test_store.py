@@ -119,6 +119,38 @@ def test_a_page_of_links_is_read_in_one_call_by_either_id(store: SqlStateStore) 
     assert store.links_by_crm_ids("acme", []) == {}
 
 
+def test_a_page_of_links_is_saved_in_one_batch(store: SqlStateStore) -> None:
+    store.save_link(Link("acme", "006A", None, snapshot={"name": "old"}))
+    store.save_link(Link("acme", None, "r-2", snapshot={"name": "referral only"}))
+    store.save_links(
+        [
+            Link("acme", "006A", "r-1", snapshot={"name": "new"}),  # update, found by CRM id
+            Link("acme", "006B", "r-2", snapshot={"name": "paired"}),  # update, found by referral id
+            Link("acme", "006C", None, snapshot={"name": "first"}),  # insert
+            Link("acme", "006C", "r-3", snapshot={"name": "twice in a page"}),  # the later one wins
+        ]
+    )
+    got = store.links_by_crm_ids("acme", ["006A", "006B", "006C"])
+    assert {k: (v.referral_id, v.snapshot["name"]) for k, v in got.items()} == {
+        "006A": ("r-1", "new"),
+        "006B": ("r-2", "paired"),
+        "006C": ("r-3", "twice in a page"),
+    }
+    assert store.count_links("acme") == {"linked": 3}
+    with pytest.raises(sa.exc.IntegrityError):  # one referral never pairs with a second opportunity
+        store.save_links([Link("acme", "006C", "r-1")])
+
+
+def test_a_pages_outbox_rows_are_enqueued_together_with_their_ids(store: SqlStateStore) -> None:
+    saved = store.enqueue_many([entry(f"p{i}", record_key=f"r-{i}") for i in range(5)])
+    assert [e.idempotency_key for e in saved] == [f"p{i}" for i in range(5)]
+    ids = [e.id for e in saved]
+    assert None not in ids and len(set(ids)) == 5
+    by_id = {e.id: e for e in store.outbox_entries("acme")}
+    assert all(by_id[e.id].record_key == e.record_key for e in saved)
+    assert store.enqueue_many([]) == []
+
+
 def test_written_fields_are_kept_until_read_back(store: SqlStateStore) -> None:
     store.save_link(
         Link("acme", "006A", "r-1", crm_written_hash="h" * 64, crm_written_fields=("notes", "value"))
