@@ -8,7 +8,14 @@ with what was found, and for a failure a ``fix:`` line saying what to do:
 - per connection: the mapping files are valid; the Partner Center sign-in gives a token; the CRM
   signs in and answers with its stage metadata; the CRM's stages and the mapping's agree (a CRM stage
   the mapping does not know; a mapping stage the CRM does not have, which fails when the connector
-  writes it).
+  writes it);
+- per connection, from the CRM's own field metadata (``CrmAdapter.opportunity_fields``): every field
+  the configuration names (``crm.fields.*``, ``crm.opt_in.field``) exists on the opportunity — one
+  the connector reads on every run or writes fails, one it merely reads when present warns with what
+  is lost without it; and the restricted picklists take what the mapping makes the connector write
+  into them (Salesforce's solutions multi-select gets the ``values.solutions`` targets), and hold
+  values the connector can read back (help types; lost reasons without a ``values.reasons`` entry
+  reach Partner Center as "Others"). Stage labels are the stage check's.
 
 Exit codes: 0 every check passed; 1 some check failed; 2 the configuration does not load. Never
 prints a secret or a token: remote error texts pass the log redaction before they are shown.
@@ -18,8 +25,8 @@ Nothing is written, except what a sign-in writes anyway (the refreshed msal toke
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,13 +35,15 @@ import sqlalchemy as sa
 import structlog
 import typer
 
+from connector.domain.model import HelpType
 from connector.domain.stages import CrmStage, StageMapping
-from connector.errors import ConfigError, CosellError, RetryLater, SignInRequired
+from connector.errors import ConfigError, CosellError, MappingError, RecordError, RetryLater, SignInRequired
 from connector.logs import configure_logging, redact
 from connector.mappings import MappingSet
 from connector.remote.calls import CallCounter
 from connector.remote.retry import RetryPolicy
-from connector.settings import DynamicsCrm, Settings
+from connector.seams import CrmField
+from connector.settings import DynamicsCrm, SalesforceCrm, Settings, read_yaml_file
 
 __all__ = ["Check", "doctor"]
 
@@ -168,30 +177,180 @@ def check_partner_center(settings: Settings, name: str) -> Check:
     return Check("PASS", what, f"token available{who} ({signin.mode}, {status.authority})")
 
 
-def _crm_adapter(settings: Settings, name: str) -> Any:
-    """The connection's CRM adapter, built as :func:`connector.sync.factory.run_context` builds it."""
+def _crm_adapter(settings: Settings, name: str, closing: ExitStack) -> Any:
+    """The connection's CRM adapter, built as :func:`connector.sync.factory.run_context` builds it;
+    ``closing`` closes it and its sign-in client."""
     conn = settings.connection(name)
     calls = CallCounter()
     if isinstance(conn.crm, DynamicsCrm):
         from connector.dynamics.adapter import build_adapter, dataverse_signin
 
         tokens = dataverse_signin(conn.crm, settings.tls.ca_bundle)
-        return build_adapter(
+        closing.callback(tokens.close)
+        dyn = build_adapter(
             conn.crm, tokens=tokens, ca_bundle=settings.tls.ca_bundle, calls=calls, policy=DOCTOR_POLICY
         )
+        closing.callback(dyn.close)
+        return dyn
     from connector.salesforce.adapter import SalesforceAdapter
 
-    return SalesforceAdapter(conn.crm, ca_bundle=settings.tls.ca_bundle, calls=calls, policy=DOCTOR_POLICY)
+    sf = SalesforceAdapter(conn.crm, ca_bundle=settings.tls.ca_bundle, calls=calls, policy=DOCTOR_POLICY)
+    closing.callback(sf.close)
+    return sf
 
 
-def check_crm(settings: Settings, name: str) -> tuple[Check, Sequence[CrmStage] | None]:
+# --- the CRM's fields --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldRole:
+    """One opportunity field the configuration names, and what its absence costs."""
+
+    role: str  # the role in the adapter (sync_status, opt_in, team_fields, ...)
+    key: str  # where it is configured, under connections.NAME (crm.fields.sync_status, crm.opt_in.field)
+    name: str  # the API / logical name the CRM's metadata lists it under
+    create: str  # the type to create it with
+    #: what is lost without it; "" when the connector cannot do without it (the check fails)
+    without: str = ""
+    why: str = "the connector needs it"  # for required ones: what breaks
+
+
+_SF_NEEDED = "the connector writes it on every synced opportunity; the adapter refuses to run without it"
+#: Salesforce field roles (connector.salesforce.adapter.DEFAULT_FIELDS): the type to create each with,
+#: what is lost without it (the check warns) or else what breaks without it (the check fails)
+_SF_ROLES: dict[str, tuple[str, str, str]] = {
+    "referral_id": ("Text(64), External ID, Unique", "", _SF_NEEDED),
+    "referral_link": ("URL", "", _SF_NEEDED),
+    "sync_status": ("Text(255)", "", _SF_NEEDED),
+    "last_sync": ("Date/Time", "", _SF_NEEDED),
+    "audit": ("Text(255)", "", _SF_NEEDED),
+    "notes": ("Long Text Area", "", "notes from Partner Center are written to it: those writes would fail"),
+    "campaign": ("Text(64)", "", "Partner Center campaign ids are written to it: those writes would fail"),
+    "solutions": ("Picklist (Multi-Select)", "", "solutions are written to it: those writes would fail"),
+    "help_type": (
+        "Picklist",
+        "help requests are not read from the CRM (no deal asks Microsoft for help)",
+        "",
+    ),
+    "visibility": ("Checkbox", "no deal is marked visible to Microsoft sellers from the CRM", ""),
+    "contact_consent": ("Checkbox", "the customer's consent to share its contact always reads as no", ""),
+    "lost_reason": (
+        "Picklist",
+        "lost deals reach Partner Center with the reason 'Others', and declining a referral from the CRM "
+        "is refused (a decline needs a reason)",
+        "",
+    ),
+}
+#: Salesforce roles that are fields of another object than Opportunity (not in its describe)
+_SF_NOT_ON_OPPORTUNITY = frozenset({"account_duns"})
+
+_DV_READ = "every opportunity read selects it, and Dataverse would refuse those reads"
+_DV_WRITTEN = "the connector writes it, and Dataverse would refuse those writes"
+#: Dataverse columns the Dynamics adapter uses (DynamicsOptions.from_settings): type to create, what breaks
+_DV_ROLES: dict[str, tuple[str, str]] = {
+    "referral_id": (
+        "Single line of text (100)",
+        "every opportunity read selects it and the connector writes it",
+    ),
+    "referral_link": ("Single line of text (format URL)", _DV_WRITTEN),
+    "sync_status": ("Single line of text", _DV_WRITTEN),
+    "audit_line": ("Multiple lines of text", _DV_WRITTEN),
+    "synced_at": ("Date and time", _DV_WRITTEN),
+    "campaign_id": ("Single line of text", _DV_WRITTEN),
+    "solutions_field": ("Single line of text", _DV_READ),
+    "team_fields": ("Lookup (User)", _DV_READ),
+}
+#: crm.fields keys of a Dynamics connection that are settings, not columns
+_DV_SETTINGS = frozenset(
+    {"team_source", "solutions_source", "bpf_entity_set", "bpf_process_id", "change_tracking"}
+)
+
+
+def _field_roles(crm: SalesforceCrm | DynamicsCrm, adapter: Any) -> list[FieldRole]:
+    """The opportunity fields the connection's configuration names, as its adapter resolved them."""
+    roles: list[FieldRole] = []
+    if isinstance(crm, SalesforceCrm):
+        from connector.salesforce.adapter import REQUIRED_ROLES
+
+        if crm.opt_in.field:
+            roles.append(
+                FieldRole("opt_in", "crm.opt_in.field", crm.opt_in.field, "Checkbox", why=_SF_NEEDED)
+            )
+        for role, name in adapter.fields.items():
+            if not name or role in _SF_NOT_ON_OPPORTUNITY:
+                continue
+            create, without, why = _SF_ROLES.get(role, ("see config/example.yaml", "", ""))
+            if role in REQUIRED_ROLES:
+                without, why = "", why or _SF_NEEDED
+            elif not without and not why:
+                without = "the connector reads it only when it exists"
+            roles.append(FieldRole(role, f"crm.fields.{role}", name, create, without, why))
+        return roles
+    o = adapter.options
+    if o.opt_in_field:
+        roles.append(FieldRole("opt_in", "crm.opt_in.field", o.opt_in_field, "Yes/No", why=_DV_READ))
+    columns: list[tuple[str, str | None]] = [("referral_id", o.referral_id_field), *o.bookkeeping.items()]
+    if o.solutions_source == "field":
+        columns.append(("solutions_field", o.solutions_field))
+    if o.team_source == "fields":
+        # a lookup is read as its _<name>_value property; the column itself is <name>
+        columns += [("team_fields", t.removeprefix("_").removesuffix("_value")) for t in o.team_fields]
+    for role, name in columns:
+        if name:
+            create, why = _DV_ROLES.get(role, ("see config/example.yaml", _DV_READ))
+            roles.append(FieldRole(role, f"crm.fields.{role}", name, create, why=why))
+    return roles
+
+
+def _refused_roles(exc: ConfigError, roles: Sequence[FieldRole]) -> frozenset[str]:
+    """The configured fields an adapter refused to go on without (it checks them when it reads the
+    org's metadata); empty when the error is about something else."""
+    keys = {r.key for r in roles}
+    problems = exc.problems
+    if problems and all(p.key in keys and "does not exist" in p.problem for p in problems):
+        return frozenset(p.key for p in problems)
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class CrmReading:
+    """What the CRM answered: its stages and opportunity fields (None when they could not be read)."""
+
+    stages: Sequence[CrmStage] | None
+    fields: Mapping[str, CrmField] | None
+    roles: Sequence[FieldRole]
+    #: configuration keys of fields the adapter itself reported missing (it reads no metadata without them)
+    refused: frozenset[str] = frozenset()
+    fields_error: str = ""
+
+
+def check_crm(settings: Settings, name: str) -> tuple[Check, CrmReading | None]:
     crm = settings.connection(name).crm
     what = f"{name}: CRM ({crm.kind}) sign-in and stages"
     where = crm.base_url if isinstance(crm, DynamicsCrm) else (crm.instance_url or crm.login_url)
-    adapter = None
+    closing = ExitStack()
+    stages: list[CrmStage] | None = None
+    fields: Mapping[str, CrmField] | None = None
+    refused: frozenset[str] = frozenset()
+    fields_error = ""
     try:
-        adapter = _crm_adapter(settings, name)
-        stages = list(adapter.stages())
+        adapter = _crm_adapter(settings, name, closing)
+        roles = _field_roles(crm, adapter)
+        try:
+            stages = list(adapter.stages())
+        except SignInRequired:
+            raise
+        except ConfigError as exc:
+            refused = _refused_roles(exc, roles)
+            if not refused:
+                raise
+        if not refused:
+            try:
+                fields = dict(adapter.opportunity_fields())
+            except SignInRequired:
+                raise
+            except CosellError as exc:
+                fields_error = _safe(exc)
     except SignInRequired as exc:
         return Check("FAIL", what, _safe(exc), "check crm.auth (client id, user, secret or key)"), None
     except RetryLater as exc:
@@ -201,19 +360,216 @@ def check_crm(settings: Settings, name: str) -> tuple[Check, Sequence[CrmStage] 
             "FAIL", what, _safe(exc), "check crm.auth, the CRM URL, the user's permissions and tls.ca_bundle"
         ), None
     finally:
-        if adapter is not None:
-            adapter.close()
+        closing.close()
+    reading = CrmReading(stages, fields, roles, refused, fields_error)
+    if stages is None:
+        return Check(
+            "WARN",
+            what,
+            f"signed in at {where}; the adapter reads no stages until the configured fields exist (below)",
+        ), reading
     active = sum(1 for s in stages if s.active)
-    return Check("PASS", what, f"signed in at {where}; {len(stages)} stages ({active} active)"), stages
+    return Check("PASS", what, f"signed in at {where}; {len(stages)} stages ({active} active)"), reading
 
 
-def check_stages(name: str, crm_stages: Sequence[CrmStage], mapping: StageMapping) -> list[Check]:
-    """The CRM's stages against the mapping file's, matched the way the mapping matches labels."""
+def check_fields(name: str, crm: SalesforceCrm | DynamicsCrm, reading: CrmReading) -> list[Check]:
+    """Every field the configuration names exists on the CRM's opportunity."""
+    what = f"{name}: CRM fields"
+    sf = isinstance(crm, SalesforceCrm)
+    checks: list[Check] = []
+    if reading.fields_error:
+        checks.append(
+            Check(
+                "FAIL",
+                what,
+                f"the opportunity's field metadata could not be read: {reading.fields_error}",
+                "let the connector's CRM user read the object metadata (Salesforce: describe of Opportunity;"
+                " Dataverse: read on Entity and Attribute), then run doctor again",
+            )
+        )
+    present = reading.fields or {}
+    for role in reading.roles:
+        missing = role.key in reading.refused or (reading.fields is not None and role.name not in present)
+        if not missing:
+            continue
+        where = f"Opportunity.{role.name}" if sf else f"opportunity.{role.name}"
+        create = (
+            f"create custom field {role.name} (type {role.create}) on Opportunity"
+            if sf
+            else f"create custom column {role.name} (type {role.create}) on the Opportunity table"
+        )
+        setting = f"connections.{name}.{role.key}"
+        if role.without:
+            off = " ('' to do without it)" if sf and role.key.startswith("crm.fields.") else ""
+            checks.append(
+                Check(
+                    "WARN",
+                    what,
+                    f"{where} ({role.key}) does not exist: {role.without}",
+                    f"{create} or set {setting}{off}",
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    "FAIL",
+                    what,
+                    f"{where} ({role.key}) does not exist: {role.why}",
+                    f"{create} or set {setting}",
+                )
+            )
+    if not sf:
+        unknown = sorted(set(crm.fields) - set(_DV_ROLES) - _DV_SETTINGS)
+        if unknown:
+            valid = ", ".join(sorted({*_DV_ROLES, *_DV_SETTINGS}))
+            checks.append(
+                Check(
+                    "WARN",
+                    what,
+                    f"crm.fields.{', crm.fields.'.join(unknown)}: not a Dynamics field role, ignored",
+                    f"rename under connections.{name}.crm.fields (valid: {valid}) or remove",
+                )
+            )
+    if not checks and reading.fields is not None:
+        checks.append(
+            Check("PASS", what, f"all {len(reading.roles)} opportunity fields the configuration names exist")
+        )
+    return checks
+
+
+def _values_file(mappings: MappingSet, map_name: str, crm_value: str | None = None) -> str:
+    """The mapping file a value map (entry) comes from: the last file that sets it, as the merge does."""
+    for path in reversed(mappings.files):
+        try:
+            raw = read_yaml_file(path, "mapping file", MappingError)
+        except MappingError:
+            continue
+        entries = ((raw or {}).get("values") or {}).get(map_name) if isinstance(raw, dict) else None
+        if isinstance(entries, dict) and (crm_value is None or crm_value in entries):
+            return str(path)
+    return str(mappings.files[-1]) if mappings.files else "the mapping files"
+
+
+def _unmapped_reasons(values: Sequence[str], mappings: MappingSet) -> list[str]:
+    """CRM reasons the engine cannot put in Partner Center's words (it then sends 'Others')."""
+    out = []
+    for value in values:
+        try:
+            mappings.values["reasons"].to_partner_center(value, passthrough=True)
+        except RecordError:
+            out.append(value)
+    return out
+
+
+def check_picklists(
+    name: str, crm: SalesforceCrm | DynamicsCrm, reading: CrmReading, mappings: MappingSet
+) -> list[Check]:
+    """The CRM's restricted picklists against what the mapping writes into them, and picklist values
+    the connector cannot read back. Where each value lands follows the adapters: Salesforce writes the
+    canonical solution ids (the ``values.solutions`` targets) into the solutions multi-select and the
+    stage label into StageName (the stage check's); it reads help types as Partner Center's codes and
+    lost reasons through ``values.reasons``. Dynamics writes stages only (salesstage / status reasons);
+    its lost reasons are the Lost status reasons."""
+    what = f"{name}: CRM picklists vs mapping"
+    fields = reading.fields
+    if fields is None:
+        return []
+    roles = {r.role: r for r in reading.roles}
+    checks: list[Check] = []
+    checked: list[str] = []
+
+    def picklist(role: str) -> CrmField | None:
+        r = roles.get(role)
+        found = fields.get(r.name) if r is not None else None
+        return found if found is not None and found.picklist_values else None
+
+    if isinstance(crm, SalesforceCrm):
+        solutions = picklist("solutions")
+        if solutions is not None and solutions.restricted:
+            checked.append(f"{solutions.name} takes every values.solutions target")
+            for crm_value, written in mappings.values["solutions"].pairs:
+                if written not in solutions.picklist_values:
+                    source = _values_file(mappings, "solutions", crm_value)
+                    checks.append(
+                        Check(
+                            "FAIL",
+                            what,
+                            f"Opportunity.{solutions.name} ({solutions.type}, restricted) has no value "
+                            f"{_safe(written)!r}, which values.solutions.{crm_value} in {source} writes",
+                            "add the value to the picklist or change the mapping",
+                        )
+                    )
+        help_type = picklist("help_type")
+        if help_type is not None:
+            codes = {h.value for h in HelpType}
+            checked.append(f"{help_type.name} holds Partner Center help types")
+            unreadable = [v for v in help_type.picklist_values if v not in codes]
+            if unreadable:
+                checks.append(
+                    Check(
+                        "WARN",
+                        what,
+                        f"Opportunity.{help_type.name} has value(s) that are not Partner Center help types: "
+                        f"{_safe(', '.join(unreadable))}; deals with them are read as asking for no help",
+                        f"use Partner Center's codes as the picklist's API values ({', '.join(sorted(codes))})",
+                    )
+                )
+        lost = picklist("lost_reason")
+        lost_values = list(lost.picklist_values) if lost is not None else []
+        lost_where = f"Opportunity.{lost.name}" if lost is not None else ""
+    else:
+        stages = reading.stages or ()
+        lost_values = [s.label for s in stages if s.is_closed and not s.is_won]
+        lost_where = "opportunity.statuscode (Lost status reasons)"
+    if lost_values:
+        checked.append(f"every {lost_where} value has a values.reasons entry")
+        unmapped = _unmapped_reasons(lost_values, mappings)
+        if unmapped:
+            checks.append(
+                Check(
+                    "WARN",
+                    what,
+                    f"{lost_where} value(s) with no entry in values.reasons: {_safe(', '.join(unmapped))}; "
+                    "they reach Partner Center as 'Others'",
+                    f"add them under values.reasons in {_values_file(mappings, 'reasons')}",
+                )
+            )
+    if not checks:
+        detail = (
+            "; ".join(checked) if checked else "no restricted picklist takes a mapped value besides the stage"
+        )
+        checks.append(Check("PASS", what, detail))
+    return checks
+
+
+def _stage_fields(crm: SalesforceCrm | DynamicsCrm) -> tuple[str, str]:
+    """Where the connector writes an open and a closed stage label."""
+    if isinstance(crm, SalesforceCrm):
+        return "Opportunity.StageName", "Opportunity.StageName"
+    open_field = {
+        "salesstage": "opportunity.salesstage",
+        "statuscode": "opportunity.statuscode",
+        "bpf": "the business process flow's stages",
+    }[crm.stage_source]
+    return open_field, "opportunity.statuscode (Won/Lost status reasons)"
+
+
+def check_stages(
+    name: str,
+    crm_stages: Sequence[CrmStage],
+    mapping: StageMapping,
+    fields: tuple[str, str] = ("the CRM's stages", "the CRM's stages"),
+) -> list[Check]:
+    """The CRM's stages against the mapping file's, matched the way the mapping matches labels.
+    ``fields``: where an open and a closed stage label is written (named in a failure)."""
     what = f"{name}: CRM stages vs mapping"
     source = mapping.source or "the mapping file"
     crm = StageMapping(tuple(crm_stages))  # only for its label index (same normalisation as the mapping)
     unmapped = [s.label for s in crm_stages if s.active and mapping.stage(s.label) is None]
-    reverse_targets = {label for _key, _rt, label in mapping.reverse}
+    reverse_keys: dict[str, list[str]] = {}
+    for key, record_type, label in mapping.reverse:
+        at = f"@{record_type}" if record_type else ""
+        reverse_keys.setdefault(label, []).append(f"stages.reverse.{key.value}{at}")
     absent: list[str] = []
     inactive: list[str] = []
     for stage in mapping.stages:
@@ -222,7 +578,7 @@ def check_stages(name: str, crm_stages: Sequence[CrmStage], mapping: StageMappin
             absent.append(stage.label)
         elif not found.active:
             inactive.append(stage.label)
-    written = [label for label in absent + inactive if label in reverse_targets]
+    written = [label for label in absent + inactive if label in reverse_keys]
     checks: list[Check] = []
     if unmapped:
         checks.append(
@@ -234,17 +590,23 @@ def check_stages(name: str, crm_stages: Sequence[CrmStage], mapping: StageMappin
             )
         )
     if written:
+
+        def named(label: str) -> str:
+            stage = mapping.stage(label)
+            field = fields[1] if stage is not None and stage.is_closed else fields[0]
+            return f"{label} ({', '.join(reverse_keys[label])} -> {field})"
+
         checks.append(
             Check(
                 "FAIL",
                 what,
-                f"the mapping sets CRM stage(s) the CRM does not have as active: {', '.join(written)}",
-                f"point stages.reverse in {source} at active CRM stages, or activate them in the CRM",
+                f"the mapping sets CRM stage(s) the CRM does not have as active: {'; '.join(map(named, written))}",
+                f"point stages.reverse in {source} at active CRM stages, or add / activate them in the CRM",
             )
         )
     others = {
-        "not in the CRM": [label for label in absent if label not in reverse_targets],
-        "inactive in the CRM": [label for label in inactive if label not in reverse_targets],
+        "not in the CRM": [label for label in absent if label not in reverse_keys],
+        "inactive in the CRM": [label for label in inactive if label not in reverse_keys],
     }
     elsewhere = "; ".join(f"{how}: {', '.join(labels)}" for how, labels in others.items() if labels)
     if elsewhere:
@@ -272,7 +634,7 @@ def doctor(
         str | None, typer.Option("--connection", "-n", help="Only this connection.", show_default=False)
     ] = None,
 ) -> None:
-    """Check configuration, state store, sign-ins and stage mappings; print what to fix."""
+    """Check configuration, state store, sign-ins, stage mappings and the CRM's fields; print what to fix."""
     report = Report(typer.echo)
     try:
         settings: Settings = ctx.obj.settings
@@ -323,10 +685,18 @@ def _run_checks(report: Report, settings: Settings, names: list[str]) -> int:
         mapping_check, mappings = check_mappings(settings, name)
         report.add(mapping_check)
         report.add(check_partner_center(settings, name))
-        crm_check, stages = check_crm(settings, name)
+        crm_check, reading = check_crm(settings, name)
         report.add(crm_check)
-        if stages is not None and mappings is not None:
-            for check in check_stages(name, stages, mappings.stages):
+        if reading is None:
+            continue
+        crm = settings.connection(name).crm
+        if reading.stages is not None and mappings is not None:
+            for check in check_stages(name, reading.stages, mappings.stages, _stage_fields(crm)):
+                report.add(check)
+        for check in check_fields(name, crm, reading):
+            report.add(check)
+        if mappings is not None:
+            for check in check_picklists(name, crm, reading, mappings):
                 report.add(check)
     return report.failed
 

@@ -68,7 +68,15 @@ from connector.remote.http import http_client
 from connector.remote.retry import RetryPolicy, parse_retry_after
 from connector.remote.session import ApiSession
 from connector.remote.tokens import TokenProvider
-from connector.seams import ChangePage, CrmAdapter, CrmChange, CrmWrite, RecordFailure, WriteResult
+from connector.seams import (
+    ChangePage,
+    CrmAdapter,
+    CrmChange,
+    CrmField,
+    CrmWrite,
+    RecordFailure,
+    WriteResult,
+)
 from connector.settings import DynamicsCrm, read_secret
 
 if TYPE_CHECKING:
@@ -290,6 +298,25 @@ class _Metadata:
     bpf_stages: Mapping[str, tuple[str, int]]  # processstageid -> (name, category)
 
 
+def _option_label(option: Mapping[str, Any]) -> str:
+    """An option's label in the caller's language (``Label.UserLocalizedLabel.Label``), else the first
+    localized one, else its value."""
+    lab = option.get("Label") or {}
+    user = lab.get("UserLocalizedLabel") or {}
+    text = user.get("Label") or next((x.get("Label") for x in lab.get("LocalizedLabels") or []), "")
+    return str(text or option.get("Value"))
+
+
+#: Attribute metadata types that carry an option set (``OptionSet`` / ``GlobalOptionSet``); each needs
+#: its own cast, EnumAttributeMetadata cannot be cast to (query-metadata-web-api).
+_OPTION_SET_TYPES = (
+    "PicklistAttributeMetadata",
+    "MultiSelectPicklistAttributeMetadata",
+    "StatusAttributeMetadata",
+    "StateAttributeMetadata",
+)
+
+
 # --- the adapter ---------------------------------------------------------------------------------
 
 
@@ -378,22 +405,17 @@ class DynamicsAdapter:
         return list(options)
 
     def _load_metadata(self) -> _Metadata:
-        def label(option: Mapping[str, Any]) -> str:
-            lab = option.get("Label") or {}
-            user = lab.get("UserLocalizedLabel") or {}
-            text = user.get("Label") or next((x.get("Label") for x in lab.get("LocalizedLabels") or []), "")
-            return str(text or option.get("Value"))
-
         sales = {
-            int(o["Value"]): label(o)
+            int(o["Value"]): _option_label(o)
             for o in self._attribute_options("salesstage", "PicklistAttributeMetadata")
         }
         status = {
-            int(o["Value"]): (label(o), int(o.get("State", 0)))
+            int(o["Value"]): (_option_label(o), int(o.get("State", 0)))
             for o in self._attribute_options("statuscode", "StatusAttributeMetadata")
         }
         state = {
-            int(o["Value"]): label(o) for o in self._attribute_options("statecode", "StateAttributeMetadata")
+            int(o["Value"]): _option_label(o)
+            for o in self._attribute_options("statecode", "StateAttributeMetadata")
         }
         bpf: dict[str, tuple[str, int]] = {}
         if self.options.stage_source == "bpf":
@@ -440,6 +462,43 @@ class DynamicsAdapter:
             if st in (STATE_WON, STATE_LOST)
         ]
         return out
+
+    # --- field metadata ---------------------------------------------------------------------------
+
+    def opportunity_fields(self) -> Mapping[str, CrmField]:
+        """The opportunity table's columns by logical name, from attribute metadata; choice columns
+        (option sets, status reasons, states) with their options' labels. Dataverse refuses a value
+        outside an option set, so every one of them is restricted.
+
+        One read of the attribute list, one per option-set type (a cast per type; metadata queries are
+        not paged). https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api"""
+        attributes = f"{self.root}EntityDefinitions(LogicalName='opportunity')/Attributes"
+        body = self._json(
+            self._get("metadata", f"{attributes}?$select=LogicalName,AttributeType,AttributeTypeName"),
+            "the opportunity attribute metadata",
+        )
+        fields: dict[str, CrmField] = {}
+        for attr in body.get("value") or []:
+            name = str(attr.get("LogicalName") or "")
+            kind = str(attr.get("AttributeType") or "")
+            if kind == "Virtual":  # multi-select choices are Virtual; their type name says which
+                kind = str((attr.get("AttributeTypeName") or {}).get("Value") or kind).removesuffix("Type")
+            if name:
+                fields[name] = CrmField(name, kind)
+        for cast in _OPTION_SET_TYPES:
+            url = (
+                f"{attributes}/Microsoft.Dynamics.CRM.{cast}?$select=LogicalName"
+                "&$expand=OptionSet($select=Options),GlobalOptionSet($select=Options)"
+            )
+            body = self._json(self._get("metadata", url), f"the opportunity {cast}")
+            for attr in body.get("value") or []:
+                name = str(attr.get("LogicalName") or "")
+                # a local option set is in OptionSet, a global one in GlobalOptionSet (the other is null)
+                options = (attr.get("OptionSet") or attr.get("GlobalOptionSet") or {}).get("Options") or []
+                known = fields.get(name) or CrmField(name, cast.removesuffix("AttributeMetadata"))
+                labels = tuple(dict.fromkeys(_option_label(o) for o in options))
+                fields[name] = replace(known, picklist_values=labels, restricted=True)
+        return fields
 
     # --- reads -----------------------------------------------------------------------------------
 

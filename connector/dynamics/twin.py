@@ -17,6 +17,9 @@ What it serves (under ``/api/data/v9.2/``), each as strict as the documentation,
   requests) and ``Prefer: odata.continue-on-error``;
 - ``WinOpportunity`` / ``LoseOpportunity``, and refusing a ``statecode`` update to Won or Lost;
 - option-set metadata (``salesstage``, ``statuscode``, ``statecode``), business process stages;
+  the opportunity's attribute list and its option sets by attribute type cast (``OptionSet`` for a
+  local option set, ``GlobalOptionSet`` for a global one), in the documented shape
+  (https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query-metadata-web-api);
 - service protection: 429 + ``Retry-After`` injection with the documented codes, and a real 52
   concurrent-request limit (https://learn.microsoft.com/power-apps/developer/data-platform/api-limits);
 - bearer-token checking through a hook (the identity-provider twin's validator, or a fixed token).
@@ -32,7 +35,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -276,6 +279,10 @@ class OptionSets:
             5: ("Out-Sold", 2),
         }
     )
+    #: custom choice columns on opportunity (logical name -> value -> label); the twin adds the columns
+    choices: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    #: those of ``choices`` that use a global option set (served in ``GlobalOptionSet``, not ``OptionSet``)
+    global_choices: frozenset[str] = frozenset()
 
 
 # --- $filter parsing -------------------------------------------------------------------------------
@@ -461,6 +468,56 @@ _KIND_EDM = {
 }
 
 
+#: AttributeType (AttributeTypeCode) of the opportunity columns whose column type alone does not say it
+_OPPORTUNITY_ATTRIBUTE_TYPES = {
+    "salesstage": "Picklist", "statecode": "State", "statuscode": "Status", "estimatedvalue": "Money",
+    "actualvalue": "Money", "description": "Memo", "versionnumber": "BigInt", "ownerid": "Owner",
+    "customerid": "Customer",
+}  # fmt: skip
+_ATTRIBUTE_TYPES = {
+    GUID: "Uniqueidentifier", STR: "String", INT: "Integer", DEC: "Decimal", BOOL: "Boolean",
+    DT: "DateTime", DATE: "DateTime",
+}  # fmt: skip
+#: AttributeType -> the attribute metadata entity type that describes it
+_METADATA_TYPES = {
+    "Picklist": "PicklistAttributeMetadata", "MultiSelectPicklist": "MultiSelectPicklistAttributeMetadata",
+    "State": "StateAttributeMetadata", "Status": "StatusAttributeMetadata",
+    "String": "StringAttributeMetadata", "Memo": "MemoAttributeMetadata",
+    "Integer": "IntegerAttributeMetadata", "BigInt": "BigIntAttributeMetadata",
+    "Money": "MoneyAttributeMetadata", "Decimal": "DecimalAttributeMetadata",
+    "Boolean": "BooleanAttributeMetadata", "DateTime": "DateTimeAttributeMetadata",
+    "Lookup": "LookupAttributeMetadata", "Owner": "LookupAttributeMetadata",
+    "Customer": "LookupAttributeMetadata", "Uniqueidentifier": "UniqueIdentifierAttributeMetadata",
+}  # fmt: skip
+#: the cast types with OptionSet / GlobalOptionSet (EnumAttributeMetadata's, which cannot be cast to)
+_ENUM_TYPES = frozenset(
+    {
+        "PicklistAttributeMetadata",
+        "MultiSelectPicklistAttributeMetadata",
+        "StateAttributeMetadata",
+        "StatusAttributeMetadata",
+    }
+)
+_ATTRIBUTE_PROPERTIES = frozenset(
+    {"LogicalName", "SchemaName", "AttributeType", "AttributeTypeName", "IsCustomAttribute", "MetadataId"}
+)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``a,b($select=x,y),c`` -> ``a``, ``b($select=x,y)``, ``c``: commas inside parentheses stay."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        items.append(current.strip())
+    return items
+
+
 class ODataFault(Exception):
     """Raised inside the twin to answer with a Dataverse-shaped error."""
 
@@ -611,8 +668,12 @@ class DataverseTwin(Twin):
         self.tables = default_tables()
         if not tracking:
             self.tables["opportunities"] = _replace_tracking(self.tables["opportunities"], False)
-        self.rows: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.tables}
         self.options = options or OptionSets()
+        if self.options.choices:
+            opp = self.tables["opportunities"]
+            extra = {name: INT for name in self.options.choices if name not in opp.columns}
+            self.tables["opportunities"] = replace(opp, columns={**opp.columns, **extra})
+        self.rows: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.tables}
         #: receives the Authorization header value; e.g. ``lambda h: idp.validate(h, ...) is not None``
         self.auth_check = auth_check
         #: ``Organization.ExpireChangeTrackingInDays`` (docs: default 7, crm-apis.md §B.2)
@@ -882,6 +943,11 @@ class DataverseTwin(Twin):
         )
         if meta and request.method == "GET":
             return self._metadata(request, meta.group(1), meta.group(2), meta.group(3))
+        attributes = re.fullmatch(
+            r"EntityDefinitions\(LogicalName='(\w+)'\)/Attributes(?:/Microsoft\.Dynamics\.CRM\.(\w+))?", rest
+        )
+        if attributes and request.method == "GET":
+            return self._attributes(request, attributes.group(1), attributes.group(2))
         if rest in ("WinOpportunity", "LoseOpportunity") and request.method == "POST":
             return self._close(request, won=rest == "WinOpportunity", content_ids=content_ids)
         single = re.fullmatch(r"(\w+)\(([0-9a-fA-F-]{36})\)", rest)
@@ -1132,6 +1198,58 @@ class DataverseTwin(Twin):
         out += [{"@odata.context": context, "id": rid, "reason": "deleted"} for rid in gone]
         return self._page(request, table, out, select, delta_link=link, delta=True)
 
+    # --- attribute metadata (query-metadata-web-api) -----------------------------------------------
+
+    def _attribute_type(self, column: str) -> str:
+        """The ``AttributeType`` of an opportunity column, by its logical name."""
+        if column in self.options.choices:
+            return "Picklist"
+        special = _OPPORTUNITY_ATTRIBUTE_TYPES.get(column)
+        if special is not None:
+            return special
+        table = self.tables["opportunities"]
+        if column == table.key:
+            return "Uniqueidentifier"
+        kind = table.columns.get(column) or table.columns.get(f"_{column}_value")
+        return "Lookup" if f"_{column}_value" in table.columns else _ATTRIBUTE_TYPES[kind or STR]
+
+    def _attribute_names(self) -> list[str]:
+        """Logical names of the opportunity columns: a lookup ``_x_value`` is the attribute ``x``."""
+        out = []
+        for column in self.tables["opportunities"].columns:
+            m = re.fullmatch(r"_(\w+)_value", column)
+            out.append(m.group(1) if m else column)
+        return out
+
+    def _options(self, attribute: str) -> tuple[list[dict[str, Any]], bool] | None:
+        """The options of a choice column as Dataverse describes them, and whether the option set is
+        global; None for a column without options."""
+
+        def label(text: str) -> dict[str, Any]:
+            loc = {"Label": text, "LanguageCode": 1033, "IsManaged": True}
+            return {"LocalizedLabels": [loc], "UserLocalizedLabel": loc}
+
+        if attribute == "salesstage":
+            return [
+                {"Value": v, "Label": label(t)} for v, t in sorted(self.options.salesstage.items())
+            ], False
+        if attribute == "statuscode":
+            return [
+                {"Value": v, "State": s, "Label": label(t)}
+                for v, (t, s) in sorted(self.options.statuscode.items())
+            ], False
+        if attribute == "statecode":
+            return [
+                {"Value": v, "DefaultStatus": d, "InvariantName": t, "Label": label(t)}
+                for v, (t, d) in sorted(self.options.statecode.items())
+            ], False
+        if attribute in self.options.choices:
+            options = [
+                {"Value": v, "Label": label(t)} for v, t in sorted(self.options.choices[attribute].items())
+            ]
+            return options, attribute in self.options.global_choices
+        return None
+
     def _metadata(self, request: TwinRequest, entity: str, attribute: str, cast: str) -> TwinResponse:
         if entity != "opportunity":
             raise ODataFault(404, f"Could not find an entity with LogicalName = '{entity}'.")
@@ -1142,24 +1260,7 @@ class DataverseTwin(Twin):
         }
         if kinds.get(attribute) != cast:
             raise ODataFault(404, f"Attribute '{attribute}' is not a {cast}.")
-
-        def label(text: str) -> dict[str, Any]:
-            loc = {"Label": text, "LanguageCode": 1033, "IsManaged": True}
-            return {"LocalizedLabels": [loc], "UserLocalizedLabel": loc}
-
-        options: list[dict[str, Any]]
-        if attribute == "salesstage":
-            options = [{"Value": v, "Label": label(t)} for v, t in sorted(self.options.salesstage.items())]
-        elif attribute == "statuscode":
-            options = [
-                {"Value": v, "State": s, "Label": label(t)}
-                for v, (t, s) in sorted(self.options.statuscode.items())
-            ]
-        else:
-            options = [
-                {"Value": v, "DefaultStatus": d, "InvariantName": t, "Label": label(t)}
-                for v, (t, d) in sorted(self.options.statecode.items())
-            ]
+        options, _ = self._options(attribute) or ([], False)
         body: dict[str, Any] = {
             "@odata.context": f"{self.base_url}{API_PATH}/$metadata#EntityDefinitions('{entity}')/Attributes/"
             f"Microsoft.Dynamics.CRM.{cast}",
@@ -1168,6 +1269,76 @@ class DataverseTwin(Twin):
         if "OptionSet" in (request.arg("$expand") or ""):
             body["OptionSet"] = {"Options": options}
         return TwinResponse(200, body, {"OData-Version": "4.0"})
+
+    def _attributes(self, request: TwinRequest, entity: str, cast: str | None) -> TwinResponse:
+        """``EntityDefinitions(LogicalName=...)/Attributes``, optionally cast to one attribute metadata
+        type. As documented: all matching attributes in one response (no paging); ``MetadataId`` always
+        returned; ``OptionSet`` / ``GlobalOptionSet`` only on a cast to a type that has them, and
+        EnumAttributeMetadata itself cannot be cast to."""
+        if entity != "opportunity":
+            raise ODataFault(404, f"Could not find an entity with LogicalName = '{entity}'.")
+        for opt in request.query:
+            if opt.startswith("$") and opt not in ("$select", "$expand"):
+                raise ODataFault(400, f"The query parameter {opt} is not supported", "0x80060888")
+        if cast is not None and cast not in set(_METADATA_TYPES.values()):
+            raise ODataFault(400, f"The type 'Microsoft.Dynamics.CRM.{cast}' cannot be used for a cast here.")
+        type_name = f"Microsoft.Dynamics.CRM.{cast or 'AttributeMetadata'}"
+        select = [c.strip() for c in (request.arg("$select") or "").split(",") if c.strip()]
+        for prop in select:
+            if prop not in _ATTRIBUTE_PROPERTIES:
+                raise ODataFault(
+                    400, f"Could not find a property named '{prop}' on type '{type_name}'.", "0x80060888"
+                )
+        expand: dict[str, list[str] | None] = {}
+        for part in _split_top_level(request.arg("$expand") or ""):
+            m = re.fullmatch(r"(\w+)(?:\((.*)\))?", part)
+            if not m or m.group(1) not in ("OptionSet", "GlobalOptionSet") or cast not in _ENUM_TYPES:
+                raise ODataFault(
+                    400,
+                    f"Could not find a property named '{m.group(1) if m else part}' on type '{type_name}'.",
+                    "0x80060888",
+                )
+            inner = m.group(2)
+            if inner is not None and not re.fullmatch(r"\$select=[\w,]+", inner):
+                raise ODataFault(
+                    400, f"Only $select is supported inside $expand, not '{inner}'.", "0x80060888"
+                )
+            expand[m.group(1)] = inner.removeprefix("$select=").split(",") if inner else None
+        values = []
+        for name in self._attribute_names():
+            kind = self._attribute_type(name)
+            meta_type = _METADATA_TYPES[kind]
+            if cast is not None and meta_type != cast:
+                continue
+            item: dict[str, Any] = {} if cast else {"@odata.type": f"#Microsoft.Dynamics.CRM.{meta_type}"}
+            props = {
+                "LogicalName": name,
+                "SchemaName": name,
+                "AttributeType": kind,
+                "AttributeTypeName": {"Value": f"{kind}Type"},
+                "IsCustomAttribute": name.startswith("new_"),
+            }
+            item.update({k: v for k, v in props.items() if not select or k in select})
+            item["MetadataId"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"opportunity/{name}"))
+            options, is_global = self._options(name) or ([], False)
+            for nav, wanted in expand.items():
+                option_set: dict[str, Any] = {
+                    "Options": options,
+                    "Name": name if not is_global else f"new_{name}",
+                    "IsGlobal": is_global,
+                    "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"optionset/{name}")),
+                }
+                if wanted is not None:
+                    option_set = {k: v for k, v in option_set.items() if k in wanted or k == "MetadataId"}
+                # a local option set is in OptionSet and GlobalOptionSet is null; a global one the reverse
+                item[nav] = option_set if (nav == "GlobalOptionSet") == is_global else None
+            values.append(item)
+        context = f"{self.base_url}{API_PATH}/$metadata#EntityDefinitions('{entity}')/Attributes"
+        if cast:
+            context += f"/Microsoft.Dynamics.CRM.{cast}"
+        if select:
+            context += f"({','.join(select)})"
+        return TwinResponse(200, {"@odata.context": context, "value": values}, {"OData-Version": "4.0"})
 
     # --- writes ------------------------------------------------------------------------------------
 
@@ -1475,6 +1646,4 @@ class DataverseTwin(Twin):
 
 
 def _replace_tracking(table: Table, tracking: bool) -> Table:
-    from dataclasses import replace
-
     return replace(table, tracking=tracking)
