@@ -117,12 +117,32 @@ class SalesforceCrm(_Frozen):
     lookback: timedelta = timedelta(minutes=5)
     bulk_threshold: int = Field(default=10_000, ge=1)
     api_budget_share: float = Field(default=0.25, gt=0, le=1)
+    #: how long the org's field and stage metadata (describe, OpportunityStage, record types) is
+    #: reused by a long-lived adapter before the next run reads it again
+    metadata_ttl: timedelta = timedelta(hours=1)
+    #: how often getDeleted sweeps for hard deletes and recycle-bin purges (soft deletes arrive with
+    #: every run's queryAll); 0 = every run. At most 14 days: getDeleted keeps 15.
+    delete_sweep: timedelta = timedelta(hours=1)
 
     @field_validator("api_version")
     @classmethod
     def _version(cls, v: str) -> str:
         if not re.fullmatch(r"\d{2,3}\.0", v):
             raise ValueError("api_version looks like 59.0")
+        return v
+
+    @field_validator("metadata_ttl")
+    @classmethod
+    def _metadata_ttl(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("metadata_ttl must be positive, e.g. PT1H")
+        return v
+
+    @field_validator("delete_sweep")
+    @classmethod
+    def _delete_sweep(cls, v: timedelta) -> timedelta:
+        if not timedelta(0) <= v <= timedelta(days=14):
+            raise ValueError("delete_sweep must be between 0 and 14 days (getDeleted keeps 15), e.g. PT1H")
         return v
 
 
@@ -189,6 +209,9 @@ class PartnerCenter(_Frozen):
     page_size: int = Field(default=100, ge=1, le=1000)
     lookback: timedelta = timedelta(minutes=5)
     location_id: str | None = None
+    #: send CRM renames as a JSON-Patch on ``/name``: not a path the Swagger definition lists
+    #: (partner-center-api.md), so off until confirmed against the live API for this tenant
+    patch_name: bool = False
 
     @field_validator("authority")
     @classmethod

@@ -1,20 +1,49 @@
 """The Salesforce CRM adapter: reads and writes opportunities through simple-salesforce in direct mode.
 
+One adapter lives as long as its connection (the daemon keeps it across runs), so what does not change
+from run to run is paid once: the sign-in (a 401 ``INVALID_SESSION_ID`` signs in again once and resends),
+the HTTP connections, and the org's **metadata** — describe of Opportunity and Account, OpportunityStage,
+record types and their stage values. Metadata is re-read after ``crm.metadata_ttl`` (default 1 h), on
+:meth:`SalesforceAdapter.refresh_metadata`, and at the next run after a write was refused for an unknown
+field or picklist value (``INVALID_FIELD``, ``INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST``...). An idle run
+on a warm adapter costs **one call**: the opportunity ``queryAll``.
+
 Reading (:meth:`SalesforceAdapter.changes`), per run:
 
-1. ``GET /limits`` — its ``Date`` header is the **signpost**: Salesforce's own clock at run start.
-   Every query is capped ``SystemModstamp <= signpost``; a record modified during the run is read
-   next run, never skipped. The daemon's clock never feeds a cursor (crm-apis.md §A.3).
-2. Deletes: ``getDeleted`` from the last covered time minus the lookback; if the cursor is older
-   than its 15-day window, or Salesforce says its delete log starts later (``earliestDateAvailable``),
-   the run becomes a **full resync** — flagged on every page and logged.
-3. Opportunities: one ``queryAll`` ``ORDER BY SystemModstamp, Id`` from ``watermark - lookback``
-   (``>=``), paged by ``nextRecordsUrl`` (2,000 rows). Each page's cursor is its last
-   ``(SystemModstamp, Id)``; should the query locator expire, the scan resumes by keyset from that
-   pair. Rows sharing a timestamp and late commits within the lookback are re-read, never skipped;
-   duplicates are harmless because the engine applies idempotently. A full load above
-   ``bulk_threshold`` rows uses a Bulk API 2.0 query job instead.
-4. Related data per page with IN queries (never one query per opportunity), chunked to stay under
+1. Metadata from the cache (or read as above); the configured fields are checked against describe.
+2. Opportunities: one ``queryAll`` ``ORDER BY SystemModstamp, Id`` from ``watermark - lookback``
+   (``>=``), paged by ``nextRecordsUrl`` (2,000 rows). ``queryAll`` also returns soft-deleted rows
+   (recycle bin, merges) with ``IsDeleted = true``: they are reported as ``deleted_ids``, never as
+   deals (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_queryall.htm).
+   Each page's cursor is its last ``(SystemModstamp, Id)``; should the query locator expire, the scan
+   resumes by keyset from that pair. Rows sharing a timestamp and late commits within the lookback
+   are re-read, never skipped; duplicates are harmless because the engine applies idempotently.
+3. The **signpost** — Salesforce's own clock, never ours (crm-apis.md §A.3) — is the ``Date`` header
+   of the run's first query response (floored to the second, SystemModstamp's granularity); there is
+   no separate ``GET /limits`` for it any more. Why the cursor stays correct:
+
+   - The first query cannot be capped (the signpost is not known yet). Its snapshot is taken at a
+     server time ``T`` shortly before the response is stamped, so ``T`` and the signpost differ by
+     the query's own duration (bounded by the request timeout) and the header's second granularity.
+   - Every later query of the run (keyset resume, full-load scans and counts, Bulk jobs, the
+     getDeleted sweep) is capped ``SystemModstamp <= signpost`` / ``end = signpost``, so a run ends.
+   - Intermediate cursors are ``min((row stamp, Id), (signpost, ""))``; the final cursor is the
+     signpost, so an idle book does not re-read its lookback window forever. The next run starts at
+     ``signpost - lookback``.
+   - A record modified during the run is committed after ``T``, so its stamp is at least
+     ``T - (its transaction's length)``, i.e. ``>= signpost - lookback`` as long as the lookback
+     (default 5 min) covers the longest late commit plus the first query's duration: the next run
+     reads it. (A signpost read before the query, as ``GET /limits`` used to give, needed the
+     lookback to cover late commits only; the query's duration is seconds against minutes.) Rows the uncapped first page returned past the signpost are simply read again next
+     run (the engine applies idempotently). Tested by a record changed between two pages of one run.
+4. Deletes: soft deletes arrive through ``queryAll`` (step 2). Hard deletes and recycle-bin purges
+   are invisible to ``queryAll``, so ``getDeleted`` sweeps for them when the cursor's delete coverage
+   (``Cursor.deletes``) is older than ``crm.delete_sweep`` (default 1 h), from that coverage minus the
+   lookback to the signpost. If the coverage is older than getDeleted's 15-day window, or Salesforce
+   says its delete log starts later (``earliestDateAvailable``), the run becomes a **full resync** —
+   flagged on every page and logged (the incremental first page is dropped unread).
+   A full load above ``bulk_threshold`` rows uses a Bulk API 2.0 query job instead of REST.
+5. Related data per page with IN queries (never one query per opportunity), chunked to stay under
    Salesforce's 16,384-byte URI limit: Account, OpportunityContactRole + Contact,
    OpportunityTeamMember + User (owner first), OpportunityLineItem product codes (or a configured
    multi-select field).
@@ -34,15 +63,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from email.utils import format_datetime, parsedate_to_datetime
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 import requests
@@ -86,7 +117,15 @@ from connector.remote.retry import RetryPolicy
 from connector.salesforce import soql
 from connector.salesforce.auth import SalesforceSignIn
 from connector.salesforce.countries import country_code
-from connector.seams import ChangePage, CrmAdapter, CrmChange, CrmWrite, RecordFailure, WriteResult
+from connector.seams import (
+    ChangePage,
+    CrmAdapter,
+    CrmChange,
+    CrmField,
+    CrmWrite,
+    RecordFailure,
+    WriteResult,
+)
 from connector.settings import SalesforceCrm
 
 __all__ = [
@@ -130,6 +169,16 @@ AUDIT_MAX = 255
 #: getDeleted covers 15 days (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_getdeleted.htm);
 #: we keep an hour of margin so Salesforce's clock and ours never disagree at the edge.
 DELETE_WINDOW = timedelta(days=15) - timedelta(hours=1)
+#: Refusals that mean the cached describe / picklist values no longer match the org (a field deleted
+#: or made read-only, a picklist value removed): the next run reads the metadata again.
+STALE_METADATA_CODES = frozenset(
+    {
+        "INVALID_FIELD",
+        "INVALID_FIELD_FOR_INSERT_UPDATE",
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+        "INVALID_TYPE",
+    }
+)
 COLLECTION_MAX = 200  # https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections.htm
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -190,7 +239,9 @@ def _iso(value: datetime) -> str:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a pull resumes: the last ``(SystemModstamp, Id)`` read and how far deletes are covered.
+    """Where a pull resumes: the last ``(SystemModstamp, Id)`` read (the signpost once a run
+    completes) and how far the getDeleted sweep has covered hard deletes (``deletes``; soft deletes
+    come with every run's ``queryAll``, so this only moves when the sweep runs).
 
     Both timestamps are Salesforce's own (row stamps, the signpost, getDeleted's latestDateCovered).
     """
@@ -310,11 +361,36 @@ class _LocatorExpired(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Metadata:
+    """The org's metadata as one consistent snapshot, kept across runs until ``metadata_ttl``."""
+
+    read_at: datetime  # the adapter's clock: only ever compared with metadata_ttl, never a cursor
+    opp_fields: Mapping[str, str]  # name -> type
+    account_fields: Mapping[str, str]
+    opp_describe: Mapping[str, CrmField]
+    stages: tuple[CrmStage, ...]
+    record_types: Mapping[str, str]  # record type id -> DeveloperName
+
+
 @dataclass
 class _Run:
-    signpost: datetime
-    opp_fields: dict[str, str] = field(default_factory=dict)  # name -> type
-    account_fields: dict[str, str] = field(default_factory=dict)
+    """One pull: the metadata snapshot it started with and, once the first query answered, the signpost."""
+
+    meta: _Metadata
+    signpost: datetime | None = None
+
+    @property
+    def opp_fields(self) -> Mapping[str, str]:
+        return self.meta.opp_fields
+
+    @property
+    def account_fields(self) -> Mapping[str, str]:
+        return self.meta.account_fields
+
+    def capped(self) -> datetime:
+        assert self.signpost is not None, "the run's first query sets the signpost"
+        return self.signpost
 
 
 @dataclass
@@ -330,7 +406,9 @@ class _Related:
 
 
 class SalesforceAdapter:
-    """:class:`~connector.seams.CrmAdapter` for Salesforce. One instance per run (caches are per run)."""
+    """:class:`~connector.seams.CrmAdapter` for Salesforce. One instance per connection, kept across
+    runs: the sign-in and the org's metadata (until ``metadata_ttl``) are reused; per-run state is
+    only the signpost."""
 
     system = SYSTEM
     #: conditional writes (If-Unmodified-Since) are single-record requests in Salesforce
@@ -354,6 +432,7 @@ class SalesforceAdapter:
         bulk_max_wait: float = 600.0,
         timeout: float = 120.0,
         proxies: dict[str, str] | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._crm = crm
         self.calls = calls or CallCounter()
@@ -377,10 +456,12 @@ class SalesforceAdapter:
         self._session = requests_session(ca_bundle, proxies=proxies)
         self._session.hooks["response"].append(self._on_response)
         self._sf: Salesforce | None = None
-        self._server_date: datetime | None = None
+        self._server_date: datetime | None = None  # the latest response's Date (the signpost's source)
         self._run: _Run | None = None
-        self._stages: tuple[CrmStage, ...] | None = None
-        self._record_types: dict[str, str] = {}
+        # Metadata age is judged on this clock (tests pass the twin's); it never feeds a cursor.
+        self._now = now or (lambda: datetime.now(UTC))
+        self._meta: _Metadata | None = None
+        self._meta_stale = ""  # why the cached metadata must be read again at the next run ("" = fine)
         self.last_full_resync_reason = ""
 
     @property
@@ -389,7 +470,7 @@ class SalesforceAdapter:
         unsupported = {"team"}  # OpportunityTeamMember writes (users by email) are not built yet
         if not self.fields["solutions"]:
             unsupported.add("solutions")  # line items need a price book; only a multi-select is written
-        if self._run is not None and "CurrencyIsoCode" not in self._run.opp_fields:
+        if self._meta is not None and "CurrencyIsoCode" not in self._meta.opp_fields:
             # single-currency org: reads report the org's currency; writing Partner Center's would fail
             unsupported.add("currency")
         return frozenset(unsupported)
@@ -487,6 +568,10 @@ class SalesforceAdapter:
                         raise _NoRetry(exc) from None
         except _NoRetry as wrapped:
             raise wrapped.error from None
+        except SalesforceApiError as exc:
+            if exc.code in STALE_METADATA_CODES:
+                self._metadata_is_stale(f"{operation}: {exc.code}")
+            raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
     def _call_signed_in(self, operation: str, fn: Callable[[Salesforce], T]) -> T:
@@ -546,22 +631,38 @@ class SalesforceAdapter:
         except SalesforceApiError as exc:
             raise _read_error(exc) from None
 
-    # --- run start --------------------------------------------------------------------------------
+    # --- metadata (kept across runs) ----------------------------------------------------------------
     def reset_run(self) -> None:
-        """Forget per-run caches (stage metadata, describe, signpost)."""
+        """Forget per-run state (the signpost). The org's metadata is kept: it expires on its own
+        after ``metadata_ttl`` (see :meth:`refresh_metadata`)."""
         self._run = None
-        self._stages = None
 
-    def _start_run(self) -> _Run:
-        self.budget.begin_run()
-        self._server_date = None
-        self._call("limits", lambda sf: sf.restful("limits", timeout=self._timeout))
-        if self._server_date is None:
-            raise FatalError("Salesforce sent no Date header; cannot take the run's signpost from its clock")
-        signpost = self._server_date.replace(microsecond=0)
-        run = _Run(signpost)
-        run.opp_fields = self._describe("Opportunity")
-        run.account_fields = self._describe("Account")
+    def refresh_metadata(self) -> None:
+        """Read the org's metadata (describe, stages, record types) again now."""
+        self._meta = self._load_metadata()
+
+    def _metadata_is_stale(self, why: str) -> None:
+        if self._meta is not None and not self._meta_stale:
+            log.info("salesforce metadata will be read again next run", reason=why)
+        self._meta_stale = why
+
+    def _metadata(self, *, run_start: bool = False) -> _Metadata:
+        """The cached metadata, read again when missing or older than ``metadata_ttl`` — and, at a
+        run's start, when a refused write said the org changed (so that happens once per run)."""
+        meta = self._meta
+        if (
+            meta is None
+            or (run_start and self._meta_stale)
+            or self._now() - meta.read_at >= self._crm.metadata_ttl
+        ):
+            meta = self._meta = self._load_metadata()
+        return meta
+
+    def _load_metadata(self) -> _Metadata:
+        read_at = self._now()
+        opp = self._describe("Opportunity")
+        account = self._describe("Account")
+        opp_types = {name: f.type for name, f in opp.items()}
         missing = [
             ConfigProblem(
                 "salesforce org",
@@ -569,9 +670,9 @@ class SalesforceAdapter:
                 f"field Opportunity.{self.fields[role]} does not exist",
             )
             for role in sorted(REQUIRED_ROLES)
-            if self.fields[role] and self.fields[role] not in run.opp_fields
+            if self.fields[role] and self.fields[role] not in opp_types
         ]
-        if self._crm.opt_in.field and self._crm.opt_in.field not in run.opp_fields:
+        if self._crm.opt_in.field and self._crm.opt_in.field not in opp_types:
             missing.append(
                 ConfigProblem(
                     "salesforce org",
@@ -581,23 +682,48 @@ class SalesforceAdapter:
             )
         if missing:
             raise ConfigError(missing)
-        self._run = run
-        return run
+        stages, record_types = self._read_stages()
+        self._meta_stale = ""
+        return _Metadata(
+            read_at=read_at,
+            opp_fields=opp_types,
+            account_fields={name: f.type for name, f in account.items()},
+            opp_describe=opp,
+            stages=stages,
+            record_types=record_types,
+        )
 
-    def _describe(self, sobject: str) -> dict[str, str]:
+    def _describe(self, sobject: str) -> dict[str, CrmField]:
         try:
             body = self._call(
                 "describe", lambda sf: sf.restful(f"sobjects/{sobject}/describe", timeout=self._timeout)
             )
         except SalesforceApiError as exc:
             raise _read_error(exc) from None
-        return {str(f["name"]): str(f["type"]) for f in (body or {}).get("fields", [])}
+        # Field shape: https://developer.salesforce.com/docs/atlas.en-us.api.meta/api/sforce_api_calls_describesobjects_describesobjectresult.htm
+        out: dict[str, CrmField] = {}
+        for f in (body or {}).get("fields", []):
+            out[str(f["name"])] = CrmField(
+                name=str(f["name"]),
+                type=str(f["type"]),
+                picklist_values=tuple(
+                    str(v["value"]) for v in f.get("picklistValues") or () if v.get("active", True)
+                ),
+                restricted=bool(f.get("restrictedPicklist")),
+            )
+        return out
+
+    def opportunity_fields(self) -> Mapping[str, CrmField]:
+        """Opportunity's fields from the (cached) describe: type, active picklist values, restricted."""
+        return MappingProxyType(dict(self._metadata().opp_describe))
 
     # --- stages -----------------------------------------------------------------------------------
     def stages(self) -> Sequence[CrmStage]:
-        """OpportunityStage rows with the record types (by DeveloperName) whose sales process allows each."""
-        if self._stages is not None:
-            return self._stages
+        """OpportunityStage rows with the record types (by DeveloperName) whose sales process allows
+        each; from the cached metadata."""
+        return self._metadata().stages
+
+    def _read_stages(self) -> tuple[tuple[CrmStage, ...], dict[str, str]]:
         rows = self._query_all(
             soql.Query(
                 "OpportunityStage",
@@ -624,10 +750,10 @@ class SalesforceAdapter:
             operation="stages",
         )
         allowed: dict[str, set[str]] = {}
-        self._record_types = {}
+        record_types: dict[str, str] = {}
         for rt in types:
             rt_id, dev = soql.sf_id(rt["Id"]), str(rt["DeveloperName"])
-            self._record_types[rt_id] = dev
+            record_types[rt_id] = dev
             # Values per record type (API 41.0+):
             # https://developer.salesforce.com/docs/atlas.en-us.uiapi.meta/uiapi/ui_api_resources_picklist_values.htm
             try:
@@ -637,7 +763,7 @@ class SalesforceAdapter:
                 raise _read_error(exc) from None
             for value in (body or {}).get("values", []):
                 allowed.setdefault(str(value["value"]), set()).add(dev)
-        self._stages = tuple(
+        stages = tuple(
             CrmStage(
                 label=str(r["ApiName"]),
                 probability=int(r["DefaultProbability"]) if r.get("DefaultProbability") is not None else None,
@@ -649,7 +775,7 @@ class SalesforceAdapter:
             )
             for r in rows
         )
-        return self._stages
+        return stages, record_types
 
     # --- reading ----------------------------------------------------------------------------------
     def changes(self, cursor: str | None) -> Iterator[ChangePage]:
@@ -657,46 +783,91 @@ class SalesforceAdapter:
             yield page.to_change_page()
 
     def pull(self, cursor: str | None) -> Iterator[PullPage]:
-        """Pages of opted-in opportunities changed since ``cursor`` (None = full load), with deletes."""
+        """Pages of opted-in opportunities changed since ``cursor`` (None = full load), with deletes.
+
+        The order of calls and why the cursor stays correct: see the module docstring."""
         prev = Cursor.decode(cursor) if cursor else None
-        run = self._start_run()
-        self.stages()  # record type names for the rows, and the stage metadata for the mapping
-        lookback = self._crm.lookback
-        full = prev is None
-        reason = "no cursor (first run)" if prev is None else ""
-        deleted: list[str] = []
-        deletes_covered = run.signpost
-        if prev is not None:
-            start = min(prev.deletes - lookback, run.signpost - timedelta(minutes=2))
-            if start < run.signpost - DELETE_WINDOW:
-                full, reason = True, "the cursor is older than getDeleted's 15-day window"
-            else:
-                try:
-                    body = self._call("deleted", lambda sf: _opportunity(sf).deleted(start, run.signpost))
-                except SalesforceApiError as exc:
-                    if exc.code != "INVALID_REPLICATION_DATE":
-                        raise _read_error(exc) from None
-                    body = {"earliestDateAvailable": _iso(run.signpost)}  # Salesforce says: too old
-                earliest = parse_sf_datetime(body["earliestDateAvailable"])
-                if earliest > start:
-                    full, reason = True, "Salesforce purged its delete log past our cursor"
-                else:
-                    deleted = [str(d["id"]) for d in body.get("deletedRecords", [])]
-                    deletes_covered = parse_sf_datetime(body["latestDateCovered"])
-        self.last_full_resync_reason = reason if full else ""
-        if full and prev is not None:
-            log.warning("salesforce full resync", reason=reason)
-        elif full:
-            log.info("salesforce full load", reason=reason)
-        base = [*self._opt_in, soql.le("SystemModstamp", run.signpost)]
-        if prev is not None and not full:
-            base.append(soql.ge("SystemModstamp", prev.ts - lookback))
+        self.budget.begin_run()
+        run = self._run = _Run(self._metadata(run_start=True))
         fields = self._opp_fields(run)
-        final = Cursor(run.signpost, "", deletes_covered)
-        if full and self._count(soql.all_of(*base)) > self._crm.bulk_threshold:
+        if prev is None:
+            yield from self._pull_full(run, fields, "no cursor (first run)", first_run=True)
+            return
+        lookback = self._crm.lookback
+        base = [*self._opt_in, soql.ge("SystemModstamp", prev.ts - lookback)]
+        scan = self._scan(run, base, fields)
+        first = next(scan)  # the run's first query: its response carries the signpost
+        signpost = run.capped()
+        deleted, covered, reason = self._sweep(prev, signpost)
+        if reason:
+            scan.close()  # the incremental first page is dropped unread: a full read replaces it
+            yield from self._pull_full(run, fields, reason, first_run=False)
+            return
+        self.last_full_resync_reason = ""
+        yield from self._pages(
+            run,
+            itertools.chain([first], scan),
+            full=False,
+            deletes_so_far=prev.deletes,
+            final=Cursor(signpost, "", covered),
+            deleted=deleted,
+        )
+
+    def _take_signpost(self) -> datetime:
+        """Salesforce's clock from the last response's ``Date``, floored to the second."""
+        if self._server_date is None:
+            raise FatalError("Salesforce sent no Date header; cannot take the run's signpost from its clock")
+        return self._server_date.replace(microsecond=0)
+
+    def _sweep(self, prev: Cursor, signpost: datetime) -> tuple[list[str], datetime, str]:
+        """Hard deletes and recycle-bin purges, which ``queryAll`` no longer returns: getDeleted from
+        the cursor's delete coverage, when that is older than ``delete_sweep``
+        (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_getdeleted.htm).
+
+        Returns the deleted ids, the new coverage, and why a full resync is needed ("" = not)."""
+        if signpost - prev.deletes < self._crm.delete_sweep:
+            return [], prev.deletes, ""
+        # getDeleted wants start more than a minute before end
+        start = min(prev.deletes - self._crm.lookback, signpost - timedelta(minutes=2))
+        if start < signpost - DELETE_WINDOW:
+            return [], signpost, "the cursor is older than getDeleted's 15-day window"
+        try:
+            body = self._call("deleted", lambda sf: _opportunity(sf).deleted(start, signpost))
+        except SalesforceApiError as exc:
+            if exc.code != "INVALID_REPLICATION_DATE":
+                raise _read_error(exc) from None
+            body = {"earliestDateAvailable": _iso(signpost)}  # Salesforce says: too old
+        earliest = parse_sf_datetime(body["earliestDateAvailable"])
+        if earliest > start:
+            return [], signpost, "Salesforce purged its delete log past our cursor"
+        deleted = [str(d["id"]) for d in body.get("deletedRecords", [])]
+        return deleted, parse_sf_datetime(body["latestDateCovered"]), ""
+
+    def _pull_full(
+        self, run: _Run, fields: tuple[str, ...], reason: str, *, first_run: bool
+    ) -> Iterator[PullPage]:
+        """Every opted-in opportunity up to the signpost (REST, or Bulk API 2.0 above ``bulk_threshold``)."""
+        self.last_full_resync_reason = reason
+        if first_run:
+            log.info("salesforce full load", reason=reason)
+        else:
+            log.warning("salesforce full resync", reason=reason)
+        # On a first run the count is the run's first query and sets the signpost.
+        total = self._count(run, self._opt_in)
+        signpost = run.capped()
+        final = Cursor(signpost, "", signpost)
+        if total > self._crm.bulk_threshold:
+            base = [*self._opt_in, soql.le("SystemModstamp", signpost)]
             yield from self._pull_bulk(run, base, fields, final)
             return
-        yield from self._pull_rest(run, base, fields, prev, full, deleted, final)
+        yield from self._pages(
+            run,
+            self._scan(run, list(self._opt_in), fields),
+            full=True,
+            deletes_so_far=signpost,
+            final=final,
+            deleted=[],
+        )
 
     def _flag(self, rec: Mapping[str, Any], role: str) -> bool:
         name = self.fields[role]
@@ -719,29 +890,36 @@ class SalesforceAdapter:
                 wanted.append(name)
         return tuple(dict.fromkeys(wanted))
 
-    def _count(self, where: soql.Cond) -> int:
-        query = soql.Query("Opportunity", (), where=where, count=True).render()
+    def _count(self, run: _Run, conds: Sequence[soql.Cond]) -> int:
+        where = list(conds)
+        if run.signpost is not None:
+            where.append(soql.le("SystemModstamp", run.signpost))
+        query = soql.Query(
+            "Opportunity", (), where=soql.all_of(*where) if where else None, count=True
+        ).render()
         try:
-            body = self._call("count", lambda sf: sf.query(query, timeout=self._timeout))
+            if run.signpost is None:
+                self._server_date = None
+                body = self._call("count", lambda sf: sf.query(query, timeout=self._timeout))
+                run.signpost = self._take_signpost()
+            else:
+                body = self._call("count", lambda sf: sf.query(query, timeout=self._timeout))
         except SalesforceApiError as exc:
             raise _read_error(exc) from None
         return int(body.get("totalSize", 0))
 
-    def _pull_rest(
-        self,
-        run: _Run,
-        base: list[soql.Cond],
-        fields: tuple[str, ...],
-        prev: Cursor | None,
-        full: bool,
-        deleted: list[str],
-        final: Cursor,
-    ) -> Iterator[PullPage]:
-        deletes_so_far = prev.deletes if prev is not None and not full else run.signpost
+    def _scan(
+        self, run: _Run, base: list[soql.Cond], fields: tuple[str, ...]
+    ) -> Generator[tuple[list[dict[str, Any]], bool], None, None]:
+        """The opportunity ``queryAll`` as (records, done) pages, ordered by (SystemModstamp, Id).
+
+        Uncapped when it is the run's first query (its response sets ``run.signpost``), capped
+        ``SystemModstamp <= signpost`` otherwise; an expired query locator resumes by keyset."""
         after: tuple[datetime, str] | None = None
-        seen_deleted: list[str] = []
         while True:
             where = list(base)
+            if run.signpost is not None:
+                where.append(soql.le("SystemModstamp", run.signpost))
             if after is not None:
                 # Keyset resume (locator expired). The literal is second-floored, so this reads a
                 # superset of the rows after (ts, id): never fewer.
@@ -755,35 +933,62 @@ class SalesforceAdapter:
             query = soql.Query(
                 "Opportunity", fields, where=soql.all_of(*where), order_by=("SystemModstamp", "Id")
             ).render()
+            first_query = run.signpost is None
+            if first_query:
+                self._server_date = None
             try:
-                # queryAll: soft-deleted opted-in rows come back with IsDeleted = true
+                # queryAll: soft-deleted opted-in rows come back with IsDeleted = true (module docstring)
                 for page in self._query_pages(query, include_deleted=True, operation="opportunities"):
+                    if first_query:
+                        run.signpost = self._take_signpost()
+                        first_query = False
                     records = page["records"]
-                    live = [r for r in records if not r.get("IsDeleted")]
-                    seen_deleted.extend(str(r["Id"]) for r in records if r.get("IsDeleted"))
-                    rows, failures = self._convert(run, live)
-                    done = bool(page.get("done", True))
                     if records:
                         last = records[-1]
                         after = (parse_sf_datetime(last["SystemModstamp"]), str(last["Id"]))
+                    done = bool(page.get("done", True))
+                    yield records, done
                     if done:
-                        gone = tuple(dict.fromkeys([*seen_deleted, *deleted]))
-                        yield PullPage(rows, gone, failures, final.encode(), full)
                         return
-                    assert after is not None
-                    yield PullPage(
-                        rows,
-                        tuple(dict.fromkeys(seen_deleted)),
-                        failures,
-                        Cursor(after[0], after[1], deletes_so_far).encode(),
-                        full,
-                    )
-                    seen_deleted = []
             except _LocatorExpired:
                 log.info("salesforce query locator expired; resuming by keyset")
                 continue
             except SalesforceApiError as exc:
                 raise _read_error(exc) from None
+
+    def _pages(
+        self,
+        run: _Run,
+        scan: Iterator[tuple[list[dict[str, Any]], bool]],
+        *,
+        full: bool,
+        deletes_so_far: datetime,
+        final: Cursor,
+        deleted: list[str],
+    ) -> Iterator[PullPage]:
+        """Scan pages -> PullPages: live rows converted with their related data, ``IsDeleted`` rows
+        as deletes; each page's cursor its last (SystemModstamp, Id) — never past the signpost —
+        and the last page's the final cursor (with the getDeleted sweep's ids)."""
+        signpost = run.capped()
+        for records, done in scan:
+            live = [r for r in records if not r.get("IsDeleted")]
+            gone = [str(r["Id"]) for r in records if r.get("IsDeleted")]
+            rows, failures = self._convert(run, live)
+            if done:
+                yield PullPage(rows, tuple(dict.fromkeys([*gone, *deleted])), failures, final.encode(), full)
+                return
+            if records:
+                last = records[-1]
+                ts, rid = parse_sf_datetime(last["SystemModstamp"]), str(last["Id"])
+                at = (
+                    Cursor(ts, rid, deletes_so_far)
+                    if ts <= signpost
+                    else Cursor(signpost, "", deletes_so_far)
+                )
+                page_cursor: str | None = at.encode()
+            else:
+                page_cursor = None
+            yield PullPage(rows, tuple(dict.fromkeys(gone)), failures, page_cursor, full)
 
     def _pull_bulk(
         self, run: _Run, base: list[soql.Cond], fields: tuple[str, ...], final: Cursor
@@ -859,7 +1064,7 @@ class SalesforceAdapter:
 
     def get(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
         """Opportunities by id with related data, in bulk (IN queries)."""
-        run = self._run or self._start_run()
+        run = _Run(self._metadata())
         ids = [soql.sf_id(i) for i in crm_ids]
         fields = self._opp_fields(run)
         records: list[dict[str, Any]] = []
@@ -874,7 +1079,7 @@ class SalesforceAdapter:
     def find_by_referral(self, referral_ids: Sequence[str]) -> Mapping[str, Deal]:
         """Opportunities already carrying these referral ids: a create whose answer was lost (a crash
         between the CRM's reply and our commit) is found here instead of being made twice."""
-        run = self._run or self._start_run()
+        run = _Run(self._metadata())
         field = self.fields["referral_id"]
         wanted = sorted(set(referral_ids))
         if not wanted or not field:
@@ -977,18 +1182,18 @@ class SalesforceAdapter:
         for rec in records:
             rid = str(rec.get("Id") or "")
             try:
-                rows.append(self._row(rec, rel))
+                rows.append(self._row(run, rec, rel))
             except RecordError as exc:
                 failures.append(RecordFailure(rid, exc.cause or "invalid", str(exc)))
             except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
                 failures.append(RecordFailure(rid, "invalid-record", f"{type(exc).__name__}: {exc}"))
         return tuple(rows), tuple(failures)
 
-    def _row(self, rec: Mapping[str, Any], rel: _Related) -> OpportunityRow:
+    def _row(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> OpportunityRow:
         rid = soql.sf_id(rec["Id"])
         stage_name = str(rec.get("StageName") or "")
         probability = int(Decimal(str(rec["Probability"]))) if rec.get("Probability") is not None else None
-        record_type = self._record_types.get(str(rec.get("RecordTypeId") or ""))
+        record_type = run.meta.record_types.get(str(rec.get("RecordTypeId") or ""))
         closed, won = bool(rec.get("IsClosed")), bool(rec.get("IsWon"))
         status, substatus = (
             (Status.CLOSED, Substatus.WON if won else Substatus.LOST)
@@ -1170,7 +1375,7 @@ class SalesforceAdapter:
         ]
 
     def _canonical_field(self, name: str) -> str | None:
-        run_fields = self._run.opp_fields if self._run is not None else {}
+        run_fields = self._meta.opp_fields if self._meta is not None else {}
         mapping = {
             "name": "Name",
             "value": "Amount",
@@ -1206,7 +1411,12 @@ class SalesforceAdapter:
                 self._collection(method, items[start : start + COLLECTION_MAX], writes, results)
         for i, body in conditional:
             results[i] = self._conditional(writes[i], body, _key(writes[i], i))
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        stale = sorted({r.error_code for r in done if not r.ok and r.error_code in STALE_METADATA_CODES})
+        if stale:
+            # A field or picklist value the cached describe promised was refused: the org changed.
+            self._metadata_is_stale(f"write refused: {', '.join(stale)}")
+        return done
 
     def _collection(
         self,

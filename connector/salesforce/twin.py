@@ -21,7 +21,11 @@ Served under ``/services``:
   ``[{"errorCode": "INVALID_SESSION_ID", ...}]``. Error bodies are JSON arrays (crm-apis.md §A.6).
 
 ``SystemModstamp``/``LastModifiedDate`` come from the twin clock truncated to the second, so many rows
-share one stamp. :meth:`SalesforceTwin.transaction` writes rows stamped now but visible only on
+share one stamp. Deletes are Salesforce's: :meth:`SalesforceTwin.delete_row` soft-deletes (stamp moves,
+``query`` hides the row, ``queryAll`` returns it with ``IsDeleted = true``), :meth:`~SalesforceTwin.purge_row`
+empties it from the recycle bin and :meth:`~SalesforceTwin.hard_delete_row` does both — after which only
+getDeleted (within its window) still knows it. The ``Date`` header of every response follows the twin
+clock, so clients that take Salesforce's time from it see the clock tests move. :meth:`SalesforceTwin.transaction` writes rows stamped now but visible only on
 commit: the "late commit" that defeats naive watermarks (prior-art.md §5 class 1).
 """
 
@@ -108,6 +112,28 @@ HELP_TYPES = (
     "PostSalesCustomerSuccess",
     "GeneralOrOther",
 )
+#: the help-type picklist's labels (API values are Partner Center's codes; labels are the words the
+#: default mapping's ``help_types`` lists)
+HELP_TYPE_LABELS = (
+    ("WorkloadSpecificValueProposition", "Workload value proposition"),
+    ("CustomerTechnicalArchitecture", "Technical architecture"),
+    ("ProofOfConceptOrDemo", "Proof of concept or demo"),
+    ("QuotesOrLicensing", "Quotes or licensing"),
+    ("PostSalesCustomerSuccess", "Post-sales customer success"),
+    ("GeneralOrOther", "General or other"),
+)
+#: a custom loss-reason picklist (``crm.fields.lost_reason: Loss_Reason__c``) with the reasons the
+#: default mapping's ``values.reasons`` maps, plus one deactivated value
+LOSS_REASONS = (
+    "Price",
+    "No Budget",
+    "No Decision / Non-Responsive",
+    "Lost to Competitor",
+    "Requirements Not Met",
+    "Timing",
+    "Other",
+)
+LOSS_REASONS_INACTIVE = ("Discontinued Product",)
 
 
 def _schema(multi_currency: bool, country_picklists: bool) -> dict[str, dict[str, FieldDef]]:
@@ -137,10 +163,24 @@ def _schema(multi_currency: bool, country_picklists: bool) -> dict[str, dict[str
         _f("Partner_Center_Sync_Status__c", "string", length=255),
         _f("Partner_Center_Last_Sync__c", "datetime"),
         _f("Partner_Center_Audit__c", "string", length=255),
-        _f("Partner_Center_Help_Type__c", "picklist", picklist=HELP_TYPES, restricted=True),
+        _f(
+            "Partner_Center_Help_Type__c",
+            "picklist",
+            picklist=HELP_TYPES,
+            restricted=True,
+            labels=HELP_TYPE_LABELS,
+        ),
         _f("Partner_Center_Visibility__c", "boolean"),
         _f("Partner_Center_Contact_Consent__c", "boolean"),
         _f("Partner_Center_Solutions__c", "multipicklist"),
+        # new custom picklists are restricted by default in Salesforce
+        _f(
+            "Loss_Reason__c",
+            "picklist",
+            picklist=LOSS_REASONS,
+            restricted=True,
+            inactive=LOSS_REASONS_INACTIVE,
+        ),
     ]
     if multi_currency:
         opp.append(_f("CurrencyIsoCode", "picklist", picklist=("USD", "EUR", "GBP", "JPY"), restricted=True))
@@ -407,12 +447,31 @@ class SalesforceTwin(Twin):
             row["LastModifiedDate"] = when
 
     def delete_row(self, sobject: str, record_id: str) -> None:
-        """Soft delete: to the recycle bin (queryAll sees it) and the delete log (getDeleted)."""
+        """Soft delete: to the recycle bin and the delete log. The row's SystemModstamp moves (as in
+        Salesforce), ``query`` no longer returns it, ``queryAll`` returns it with IsDeleted = true, and
+        getDeleted lists it for 15 days."""
         with self._data_lock:
             row = self.tables[sobject][record_id]
+            if row.get("IsDeleted"):
+                raise ValueError(f"{record_id} is already deleted")
             when = self.stamp()
             row.update({"IsDeleted": True, "SystemModstamp": when})
             self.deleted_log.append((sobject, record_id, when))
+
+    def purge_row(self, sobject: str, record_id: str) -> None:
+        """Empty a soft-deleted row from the recycle bin (emptyRecycleBin, or Salesforce's own purge):
+        ``queryAll`` no longer returns it; getDeleted still lists it within its window."""
+        with self._data_lock:
+            row = self.tables[sobject].get(record_id)
+            if row is None or not row.get("IsDeleted"):
+                raise ValueError(f"{record_id} is not in the recycle bin")
+            del self.tables[sobject][record_id]
+
+    def hard_delete_row(self, sobject: str, record_id: str) -> None:
+        """Delete bypassing the recycle bin (Bulk API hardDelete): only getDeleted knows it was there."""
+        with self._data_lock:
+            self.delete_row(sobject, record_id)
+            self.purge_row(sobject, record_id)
 
     def purge_delete_log(self, before: datetime) -> None:
         """Salesforce may purge the delete log early; getDeleted then reports a later earliestDateAvailable."""
@@ -731,11 +790,20 @@ class SalesforceTwin(Twin):
         return _error(404, "NOT_FOUND", "The requested resource does not exist")
 
     def _describe(self, sobject: str) -> dict[str, Any]:
+        """The DescribeSObjectResult shape: per field its type, flags and, for picklists, every value
+        (``active`` false for deactivated ones) and ``restrictedPicklist``."""
         fields = []
         for fd in self.schema[sobject].values():
-            values = list(fd.picklist)
+            labels = dict(fd.labels)
+            values = [(v, labels.get(v, v), True) for v in fd.picklist]
+            values += [(v, labels.get(v, v), False) for v in fd.inactive]
             if sobject == "Opportunity" and fd.name == "StageName":
-                values = [r["ApiName"] for r in self.tables["OpportunityStage"].values() if r["IsActive"]]
+                values = [
+                    (r["ApiName"], r["MasterLabel"] or r["ApiName"], bool(r["IsActive"]))
+                    for r in sorted(
+                        self.tables["OpportunityStage"].values(), key=lambda r: r.get("SortOrder") or 0
+                    )
+                ]
             fields.append(
                 {
                     "name": fd.name,
@@ -746,7 +814,14 @@ class SalesforceTwin(Twin):
                     "updateable": fd.updateable,
                     "restrictedPicklist": fd.restricted,
                     "picklistValues": [
-                        {"value": v, "label": v, "active": True, "defaultValue": False} for v in values
+                        {
+                            "value": v,
+                            "label": label,
+                            "active": active,
+                            "defaultValue": False,
+                            "validFor": None,
+                        }
+                        for v, label, active in values
                     ],
                 }
             )

@@ -42,8 +42,10 @@ class SoqlError(Exception):
 class FieldDef:
     name: str
     type: str  # id string textarea picklist multipicklist boolean datetime date double currency percent int reference email phone url
-    picklist: tuple[str, ...] = ()
+    picklist: tuple[str, ...] = ()  # active values, in order
     restricted: bool = False
+    inactive: tuple[str, ...] = ()  # deactivated picklist values: in describe with active false
+    labels: tuple[tuple[str, str], ...] = ()  # (value, label) where the label differs from the value
     required: bool = False  # on create
     createable: bool = True
     updateable: bool = True

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
+from connector.remote.calls import CallCounter
 from connector.remote.retry import RetryPolicy
 from connector.remote.twin import Clock, TwinCA
 from connector.salesforce.adapter import SalesforceAdapter
@@ -108,11 +109,16 @@ def make_adapter(twin: SalesforceTwin, ca_bundle: Path) -> Iterator[MakeAdapter]
         adapter_kw = {
             k: overrides.pop(k)
             for k in list(overrides)
-            if k in ("stage_mapping", "day_share", "solution_map")
+            if k in ("stage_mapping", "day_share", "solution_map", "calls")
         }
         crm = crm_settings(twin, **overrides)
-        sign_in = SalesforceSignIn(crm, ca_bundle=ca_bundle, policy=NO_SLEEP, now=twin.clock.now)
-        adapter = SalesforceAdapter(crm, ca_bundle=ca_bundle, sign_in=sign_in, policy=NO_SLEEP, **adapter_kw)
+        # one counter for the adapter and its sign-in: the oauth call is counted with the rest
+        calls = adapter_kw["calls"] = adapter_kw.get("calls") or CallCounter()
+        sign_in = SalesforceSignIn(crm, ca_bundle=ca_bundle, policy=NO_SLEEP, now=twin.clock.now, calls=calls)
+        # metadata age on the twin's clock, so tests move it past metadata_ttl
+        adapter = SalesforceAdapter(
+            crm, ca_bundle=ca_bundle, sign_in=sign_in, policy=NO_SLEEP, now=twin.clock.now, **adapter_kw
+        )
         made.append(adapter)
         return adapter
 

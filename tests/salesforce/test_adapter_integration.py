@@ -278,19 +278,22 @@ def test_many_rows_sharing_one_timestamp_across_pages(
     assert set(ids_of(again)) == set(seeded.opportunities)
 
 
-def test_deletes_are_seen_soft_and_hard(twin: SalesforceTwin, make_adapter: MakeAdapter) -> None:
+def test_deletes_are_seen_soft_and_hard_when_every_run_sweeps(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    """delete_sweep 0: getDeleted every run, as before the sweep became periodic."""
     seeded = seed(twin, 10)
     first = list(make_adapter().pull(None))
     twin.clock.advance(timedelta(minutes=3))
     soft, hard = seeded.opportunities[2], seeded.opportunities[7]
     twin.delete_row("Opportunity", soft)
-    twin.delete_row("Opportunity", hard)
-    del twin.tables["Opportunity"][hard]  # emptied from the recycle bin: only getDeleted still knows
+    twin.hard_delete_row("Opportunity", hard)  # only getDeleted still knows
     twin.clock.advance(timedelta(minutes=2))
-    pages = list(make_adapter().pull(first[-1].cursor))
+    pages = list(make_adapter(delete_sweep=timedelta(0)).pull(first[-1].cursor))
     deleted = {d for p in pages for d in p.deleted_ids}
     assert {soft, hard} <= deleted
     assert soft not in ids_of(pages) and not any(p.full_resync for p in pages)
+    assert twin.request_count("/sobjects/Opportunity/deleted") == 1
 
 
 def test_cursor_older_than_the_delete_window_forces_a_full_resync(
@@ -378,7 +381,7 @@ def test_bulk_api_2_for_a_large_initial_load(twin: SalesforceTwin, make_adapter:
     assert rest == bulk
 
 
-def test_stages_with_record_types_are_read_once_per_run(
+def test_stages_with_record_types_are_read_once_and_cached(
     twin: SalesforceTwin, make_adapter: MakeAdapter
 ) -> None:
     twin.add_record_type("Partner_Deal", ("Prospecting", "Closed Won", "Closed Lost"))
@@ -523,7 +526,7 @@ def test_the_budget_guard_stops_a_run_cleanly(twin: SalesforceTwin, make_adapter
     probe = make_adapter().pull(None)
     before = twin.api_used
     next(probe)
-    first_page_cost = twin.api_used - before + 1  # + the sign-in-free limits call already made
+    first_page_cost = twin.api_used - before + 1  # metadata, count, query, related data; + 1 of slack
     probe.close()
     adapter = make_adapter(api_budget_share=(first_page_cost + 2) / 10_000)  # the first page, not the second
     got: list[PullPage] = []
@@ -542,7 +545,7 @@ def test_request_limit_exceeded_is_stop_and_resume_later_not_a_retry(
     with pytest.raises(RateLimited) as info:
         list(adapter.pull(None))
     assert info.value.retry_after == 3600.0
-    assert len(twin.calls("GET", "/services/data/v59.0/limits")) == 1
+    assert len(twin.calls("GET", "/services/data/v59.0/")) == 1  # refused once, never retried
 
 
 def test_day_share_stops_before_the_allocation_is_spent(

@@ -177,3 +177,77 @@ def test_twin_wire_shapes_match_the_published_samples(twin: SalesforceTwin, ca_b
         expired = s.get(f"{base}/limits")
         assert expired.status_code == 401 and expired.json()[0]["errorCode"] == "INVALID_SESSION_ID"
     provider.close()
+
+
+def test_twin_deletes_behave_like_salesforce(twin: SalesforceTwin, ca_bundle: Path) -> None:
+    """query hides deleted rows; queryAll returns them with IsDeleted = true until purged; a delete
+    moves SystemModstamp; getDeleted lists purged and hard-deleted rows within its window."""
+    provider = sign_in(
+        twin,
+        ca_bundle,
+        SalesforceAuth(
+            flow="client_credentials", client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET)
+        ),
+    )
+    seeded = seed(twin, 4)
+    soft, purged, hard = seeded.opportunities[:3]
+    twin.clock.advance(timedelta(minutes=5))
+    twin.delete_row("Opportunity", soft)
+    twin.delete_row("Opportunity", purged)
+    twin.purge_row("Opportunity", purged)
+    twin.hard_delete_row("Opportunity", hard)
+    twin.clock.advance(timedelta(minutes=2))
+    base = f"{twin.base_url}/services/data/v59.0"
+    soql = "SELECT Id, IsDeleted, SystemModstamp FROM Opportunity ORDER BY Id"
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        live = s.get(f"{base}/query", params={"q": soql}).json()["records"]
+        assert [r["Id"] for r in live] == [seeded.opportunities[3]]
+        assert (
+            s.get(
+                f"{base}/query", params={"q": soql.replace("ORDER", "WHERE IsDeleted = true ORDER")}
+            ).json()["records"]
+            == []
+        )
+        every = {r["Id"]: r for r in s.get(f"{base}/queryAll", params={"q": soql}).json()["records"]}
+        assert set(every) == {soft, seeded.opportunities[3]}  # purged rows are gone from queryAll too
+        assert every[soft]["IsDeleted"] is True and every[seeded.opportunities[3]]["IsDeleted"] is False
+        # the delete moved the stamp (seeded an hour before START, deleted five minutes after)
+        assert parse_sf_datetime(every[soft]["SystemModstamp"]) == START + timedelta(minutes=5)
+        window = {"start": START.isoformat(), "end": twin.stamp().isoformat()}
+        listed = s.get(f"{base}/sobjects/Opportunity/deleted/", params=window).json()["deletedRecords"]
+        assert {d["id"] for d in listed} == {soft, purged, hard}
+        assert s.get(f"{base}/sobjects/Opportunity/{soft}").status_code == 404
+    with pytest.raises(ValueError):
+        twin.purge_row("Opportunity", seeded.opportunities[3])  # not in the recycle bin
+    provider.close()
+
+
+def test_twin_describe_has_picklist_values_and_restrictions(twin: SalesforceTwin, ca_bundle: Path) -> None:
+    provider = sign_in(
+        twin,
+        ca_bundle,
+        SalesforceAuth(
+            flow="client_credentials", client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET)
+        ),
+    )
+    row = next(r for r in twin.tables["OpportunityStage"].values() if r["ApiName"] == "Closed Lost")
+    row["IsActive"] = False
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        body = s.get(f"{twin.base_url}/services/data/v59.0/sobjects/Opportunity/describe").json()
+    fields = {f["name"]: f for f in body["fields"]}
+    stage = fields["StageName"]
+    assert stage["type"] == "picklist" and stage["restrictedPicklist"] is True
+    assert {"value", "label", "active", "defaultValue", "validFor"} <= set(stage["picklistValues"][0])
+    assert [v["value"] for v in stage["picklistValues"]][:2] == ["Prospecting", "Qualification"]
+    assert {v["value"]: v["active"] for v in stage["picklistValues"]}["Closed Lost"] is False
+    loss = {v["value"]: v["active"] for v in fields["Loss_Reason__c"]["picklistValues"]}
+    assert loss["Lost to Competitor"] is True and loss["Discontinued Product"] is False
+    help_type = fields["Partner_Center_Help_Type__c"]["picklistValues"][0]
+    assert (help_type["value"], help_type["label"]) == (
+        "WorkloadSpecificValueProposition",
+        "Workload value proposition",
+    )
+    assert fields["Name"]["picklistValues"] == [] and fields["Name"]["restrictedPicklist"] is False
+    provider.close()
