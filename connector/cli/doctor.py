@@ -466,7 +466,8 @@ def check_picklists(
 ) -> list[Check]:
     """The CRM's restricted picklists against what the mapping writes into them, and picklist values
     the connector cannot read back. Where each value lands follows the adapters: Salesforce writes the
-    canonical solution ids (the ``values.solutions`` targets) into the solutions multi-select and the
+    CRM's solution codes (the ``values.solutions`` keys; an unmapped Partner Center id as itself)
+    into the solutions multi-select and the
     stage label into StageName (the stage check's); it reads help types as Partner Center's codes and
     lost reasons through ``values.reasons``. Dynamics writes stages only (salesstage / status reasons);
     its lost reasons are the Lost status reasons."""
@@ -486,8 +487,9 @@ def check_picklists(
     if isinstance(crm, SalesforceCrm):
         solutions = picklist("solutions")
         if solutions is not None and solutions.restricted:
-            checked.append(f"{solutions.name} takes every values.solutions target")
-            for crm_value, written in mappings.values["solutions"].pairs:
+            checked.append(f"{solutions.name} takes every values.solutions code")
+            for crm_value, _ in mappings.values["solutions"].pairs:
+                written = crm_value
                 if written not in solutions.picklist_values:
                     source = _values_file(mappings, "solutions", crm_value)
                     checks.append(

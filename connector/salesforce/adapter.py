@@ -442,6 +442,8 @@ class SalesforceAdapter:
         )
         self._mapping = stage_mapping
         self._solutions = dict(solution_map or {})
+        # writing goes back through the same map: the multi-select holds the CRM's codes, not ours
+        self._solution_codes = {solution.id: code for code, solution in self._solutions.items()}
         self._default_currency = default_currency
         self._default_deal_type = default_deal_type
         self._page_size = page_size
@@ -1343,9 +1345,8 @@ class SalesforceAdapter:
                 if target is None:
                     left_out.append(name)
                 elif name == "solutions":
-                    values[target] = ";".join(
-                        str(v.get("id") if isinstance(v, Mapping) else v) for v in value or []
-                    )
+                    ids = (str(v.get("id") if isinstance(v, Mapping) else v) for v in value or [])
+                    values[target] = ";".join(self._solution_codes.get(i, i) for i in ids)
                 elif name == "close_date" and isinstance(value, str):
                     values[target] = date.fromisoformat(value)
                 elif name == "value" and value is not None:

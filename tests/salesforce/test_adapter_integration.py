@@ -16,7 +16,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connector.domain.model import DealType, StandardStage, Status, Substatus
+from connector.domain.model import DealType, Solution, SolutionKind, StandardStage, Status, Substatus
 from connector.domain.stages import Band, StageMapping, StageTarget
 from connector.errors import ConfigError, RateLimited
 from connector.remote.twin import Clock, Fault, TwinCA, TwinResponse
@@ -181,6 +181,26 @@ def test_apply_maps_canonical_changes_onto_configured_fields(
     )
     assert row["Partner_Center_Sync_Status__c"] == "blocked: terminal-immutable"
     assert twin.tables["Opportunity"][results[1].crm_id or ""]["Name"] == "From PC"
+
+
+def test_solutions_are_written_as_the_crms_codes_and_read_back_as_ours(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    seeded = seed(twin, 1)
+    opp = seeded.opportunities[0]
+    adapter = make_adapter(
+        fields={"solutions": "Partner_Center_Solutions__c"},
+        solution_map={"AZ-DATA": Solution(SolutionKind.OWN, "SOL-34104-EBB")},
+    )
+    list(adapter.pull(None))
+    [result] = adapter.apply(
+        [CrmChange(opp, fields={"solutions": ["SOL-34104-EBB", "SOL-UNMAPPED"]}, key="s")]
+    )
+    assert result.ok, result.message
+    # the multi-select holds the CRM's code for a mapped solution; an unmapped id goes as itself
+    assert twin.tables["Opportunity"][opp]["Partner_Center_Solutions__c"] == "AZ-DATA;SOL-UNMAPPED"
+    [deal] = adapter.get([opp])
+    assert sorted(s.id for s in deal.solutions) == ["SOL-34104-EBB", "SOL-UNMAPPED"]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
