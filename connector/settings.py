@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -106,6 +107,17 @@ class SalesforceOptIn(_Frozen):
     soql_filter: str | None = None
 
 
+def _positive_ttl(v: timedelta) -> timedelta:
+    if v <= timedelta(0):
+        raise ValueError("metadata_ttl must be positive, e.g. PT1H")
+    return v
+
+
+#: how long the org's field and stage metadata (describe / option sets, stages, record types) is
+#: reused by a long-lived adapter (the daemon's) before a run reads it again
+MetadataTtl = Annotated[timedelta, AfterValidator(_positive_ttl)]
+
+
 class SalesforceCrm(_Frozen):
     kind: Literal["salesforce"]
     login_url: str = "https://login.salesforce.com"
@@ -115,11 +127,9 @@ class SalesforceCrm(_Frozen):
     opt_in: SalesforceOptIn = SalesforceOptIn()
     fields: dict[str, str] = Field(default_factory=dict)
     lookback: timedelta = timedelta(minutes=5)
+    metadata_ttl: MetadataTtl = timedelta(hours=1)
     bulk_threshold: int = Field(default=10_000, ge=1)
     api_budget_share: float = Field(default=0.25, gt=0, le=1)
-    #: how long the org's field and stage metadata (describe, OpportunityStage, record types) is
-    #: reused by a long-lived adapter before the next run reads it again
-    metadata_ttl: timedelta = timedelta(hours=1)
     #: how often getDeleted sweeps for hard deletes and recycle-bin purges (soft deletes arrive with
     #: every run's queryAll); 0 = every run. At most 14 days: getDeleted keeps 15.
     delete_sweep: timedelta = timedelta(hours=1)
@@ -129,13 +139,6 @@ class SalesforceCrm(_Frozen):
     def _version(cls, v: str) -> str:
         if not re.fullmatch(r"\d{2,3}\.0", v):
             raise ValueError("api_version looks like 59.0")
-        return v
-
-    @field_validator("metadata_ttl")
-    @classmethod
-    def _metadata_ttl(cls, v: timedelta) -> timedelta:
-        if v <= timedelta(0):
-            raise ValueError("metadata_ttl must be positive, e.g. PT1H")
         return v
 
     @field_validator("delete_sweep")
@@ -174,6 +177,7 @@ class DynamicsCrm(_Frozen):
     stage_source: Literal["salesstage", "bpf", "statuscode"] = "salesstage"
     page_size: int = Field(default=500, ge=1, le=5000)
     lookback: timedelta = timedelta(minutes=5)
+    metadata_ttl: MetadataTtl = timedelta(hours=1)
 
 
 Crm = Annotated[SalesforceCrm | DynamicsCrm, Field(discriminator="kind")]

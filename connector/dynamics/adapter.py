@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -154,6 +154,8 @@ class DynamicsOptions:
     deal_type: DealType = DealType.CO_SELL
     direction: Direction = Direction.OUTBOUND
     lookback: timedelta = timedelta(minutes=5)
+    #: option-set / stage metadata is reused this long by an adapter kept across runs
+    metadata_ttl: timedelta = timedelta(hours=1)
     change_tracking: bool = True
     #: ids per or-filter of a related read (keeps each URL far below the documented length limits)
     related_chunk: int = 100
@@ -202,6 +204,7 @@ class DynamicsOptions:
             "opt_in_field": crm.opt_in.field,
             "opt_in_filter": crm.opt_in.odata_filter,
             "lookback": crm.lookback,
+            "metadata_ttl": crm.metadata_ttl,
             "referral_id_field": f.get("referral_id"),
             "bookkeeping": {k: v for k, v in f.items() if k in _BOOKKEEPING},
         }
@@ -331,11 +334,14 @@ class DynamicsAdapter:
         session: ApiSession,
         *,
         stage_mapping: StageMapping | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.options = options
         self.session = session
         self.stage_mapping = stage_mapping
+        self._now = now
         self._meta: _Metadata | None = None
+        self._meta_read_at: datetime | None = None
         self._currencies: dict[str, str] = {}  # transactioncurrencyid -> ISO code (stable)
         self._tracking_known_off = not options.change_tracking
 
@@ -431,18 +437,27 @@ class DynamicsAdapter:
                     int(row.get("stagecategory") or 0),
                 )
         meta = _Metadata(sales, status, state, bpf)
-        self._meta = meta
+        self._meta, self._meta_read_at = meta, self._now()
         return meta
 
     def _metadata(self) -> _Metadata:
-        return self._meta if self._meta is not None else self._load_metadata()
+        """The option sets, re-read once ``metadata_ttl`` has passed: orgs change their stages (prior-art
+        §5 class 4), but an adapter kept across runs must not pay three metadata reads every few minutes."""
+        fresh = (
+            self._meta_read_at is not None and self._now() - self._meta_read_at < self.options.metadata_ttl
+        )
+        return self._meta if self._meta is not None and fresh else self._load_metadata()
+
+    def refresh_metadata(self) -> None:
+        """Read the option sets again at the next use (e.g. after `cosell doctor` found a change)."""
+        self._meta_read_at = None
 
     def stages(self) -> Sequence[CrmStage]:
-        """The org's stages from option-set metadata (re-read on every call: orgs change them).
+        """The org's stages from option-set metadata (re-read once ``metadata_ttl`` has passed).
 
         Open stages come from the configured source; closed stages are the Won and Lost status
         reasons, flagged closed/won from their ``statecode`` (never guessed from a label)."""
-        meta = self._load_metadata()
+        meta = self._metadata()
         out: list[CrmStage] = []
         src = self.options.stage_source
         if src == "salesstage":
@@ -528,7 +543,7 @@ class DynamicsAdapter:
 
     def changes(self, cursor: str | None) -> Iterator[ChangePage]:
         state = _Cursor.parse(cursor)
-        self._load_metadata()  # re-describe each run (prior-art §5 class 4)
+        self._metadata()  # re-described once metadata_ttl has passed (prior-art §5 class 4)
         if state.kind == "delta":
             try:
                 yield from self._delta(state.link, cursor)
@@ -1510,12 +1525,15 @@ def build_adapter(
     calls: CallCounter | None = None,
     policy: RetryPolicy | None = None,
     stage_mapping: StageMapping | None = None,
+    now: Callable[[], datetime] | None = None,
     **overrides: Any,
 ) -> DynamicsAdapter:
     """The adapter for one configured environment, on the shared HTTP plumbing."""
     options = DynamicsOptions.from_settings(crm, **overrides)
     session = ApiSession(SYSTEM, http_client(ca_bundle), tokens=tokens, policy=policy, calls=calls)
-    return DynamicsAdapter(options, session, stage_mapping=stage_mapping)
+    if now is None:
+        return DynamicsAdapter(options, session, stage_mapping=stage_mapping)
+    return DynamicsAdapter(options, session, stage_mapping=stage_mapping, now=now)
 
 
 def _satisfies_the_seam(adapter: DynamicsAdapter) -> CrmAdapter:

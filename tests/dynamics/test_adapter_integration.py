@@ -73,6 +73,31 @@ def test_initial_load_reads_opted_in_deals_with_related_data(
     assert deal.updated_at is not None and deal.updated_at.tzinfo is not None
 
 
+def test_an_adapter_kept_across_runs_pays_one_call_for_an_idle_run(
+    dataverse: DataverseTwin, make_adapter: AdapterFactory, clock: Clock
+) -> None:
+    dataverse.seed(10)
+    adapter = make_adapter(dataverse, now=clock.now)
+    calls = adapter.session.calls
+    cursor = list(adapter.changes(None))[-1].cursor
+
+    def one_run() -> dict[str, int]:
+        nonlocal cursor
+        before = calls.snapshot()
+        pages = list(adapter.changes(cursor))
+        cursor = pages[-1].cursor
+        return {
+            k.operation: n - before.get(k, 0) for k, n in calls.snapshot().items() if n - before.get(k, 0)
+        }
+
+    # the daemon keeps the adapter: the option sets read at the first run are still fresh
+    assert sum(one_run().values()) == 1
+    clock.advance(timedelta(hours=1, minutes=1))  # past metadata_ttl: orgs do change their stages
+    stale = one_run()
+    assert stale.get("metadata", 0) >= 1 and sum(stale.values()) == stale["metadata"] + 1
+    assert sum(one_run().values()) == 1
+
+
 def test_delta_tracking_sees_creates_updates_and_deletes(
     dataverse: DataverseTwin, adapter: DynamicsAdapter
 ) -> None:

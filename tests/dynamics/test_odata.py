@@ -312,7 +312,7 @@ def test_win_request_has_the_documented_shape() -> None:
     documented = fixture("win-opportunity-request.json")
     session = ApiSession("dynamics", httpx.Client(), tokens=StaticToken("t"))
     adapter = DynamicsAdapter(DynamicsOptions(base_url="https://org.example"), session)
-    adapter._meta = adapter_meta()
+    adapter._meta, adapter._meta_read_at = adapter_meta(), datetime.now(UTC)
     from connector.seams import CrmWrite
 
     part = adapter._close_part(
