@@ -97,6 +97,8 @@ class _Pending:
     released_waits: list[str] = field(default_factory=list)
     #: this record's Partner Center outbox rows, done once the page commits
     outbox_ids: list[int] = field(default_factory=list)
+    #: the referral as Partner Center holds it after this record's writes
+    referral: Deal | None = None
 
 
 @dataclass
@@ -151,6 +153,8 @@ class SyncEngine:
         self.default_policy = Policy(policy.default)
         self._report: RunReport | None = None
         self._touched_crm: set[str] = set()
+        #: referrals this run already reconciled (an operator's conflict decision applied first)
+        self._touched_referrals: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
         #: this page's opportunities whose last write by us was read back, and what that found
         self._read_back: list[str] = []
@@ -175,7 +179,7 @@ class SyncEngine:
     ) -> RunReport:
         run_id = uuid.uuid4().hex
         report = self._report = RunReport(self.name, run_id, self.correlation_id, dry_run)
-        self._touched_crm = set()
+        self._touched_crm, self._touched_referrals = set(), set()
         self._resolutions = self._load_resolutions()
         self._dead = {
             (d.system, d.record_id)
@@ -247,7 +251,7 @@ class SyncEngine:
             self._failures(System.PARTNER_CENTER, page.failures)
             if full:
                 self._census(page.deals, self._seen_referrals, "referral_id")
-            self._reconcile_referrals(list(page.deals))
+            self._reconcile_referrals([d for d in page.deals if d.referral_id not in self._touched_referrals])
             self._commit_cursor(PC_CURSOR, page.cursor)
 
     def _crm_phase(self, full: bool) -> None:
@@ -475,7 +479,24 @@ class SyncEngine:
             return None
         name = (crm or referral).name if (crm or referral) else "?"  # type: ignore[union-attr]
         already_said = plan.skipped and link is not None and link.status_detail == f"skipped: {plan.skipped}"
-        if plan.is_noop or (already_said and not (plan.pc_ops or plan.crm_changes or plan.crm_stage)):
+        # a record blocked or waiting earlier whose cause is gone (e.g. help requested in Partner Center):
+        # nothing to write but its status — the CRM's sync-status field must stop saying "blocked"
+        stale_status = (
+            plan.is_noop and link is not None and link.status_detail.startswith(("blocked:", "waiting:"))
+        )
+        # the same block as last run and nothing else to do: reported then, the CRM says so; stay quiet
+        still_blocked = (
+            bool(plan.refusals)
+            and link is not None
+            and link.status_detail == f"blocked: {plan.refusals[0].rule}"
+            and not (plan.pc_ops or plan.crm_changes or plan.crm_stage or plan.waiting or plan.conflicts)
+        )
+        if still_blocked:
+            report.counts["still_blocked"] += 1
+            return None
+        if (plan.is_noop and not stale_status) or (
+            already_said and not (plan.pc_ops or plan.crm_changes or plan.crm_stage)
+        ):
             report.counts["skipped" if plan.skipped else "unchanged"] += 1
             if not report.dry_run:
                 self._clear_dead(crm.crm_id if crm else None, referral.referral_id if referral else None)
@@ -708,7 +729,7 @@ class SyncEngine:
             for key in (self._wait_key(record_key, rule) for rule in WAITING_RULES if rule not in still)
             if key in self._waiting
         ]
-        return _Pending(new_link, change, audit, released_waits=released)
+        return _Pending(new_link, change, audit, released_waits=released, referral=current)
 
     def _pc_write(self, op: PcOp, entry: OutboxEntry, current: Deal | None) -> Deal:
         """One Partner Center write; its outbox row was committed with the page's before the request
@@ -730,6 +751,8 @@ class SyncEngine:
         results = {r.key: r for r in self.crm.apply(changes)} if changes else {}
         audit: list[AuditEntry] = list(notes)
         links: list[Link] = []
+        #: (index in links, referral, new CRM id): inbound referrals whose opportunity was just created
+        pairings: list[tuple[int, Deal, str]] = []
         with self.store.transaction():
             # before the links are saved: a link written in this page carries its new write's hash
             self.store.forget_crm_writes(self.name, read_back)
@@ -750,18 +773,14 @@ class SyncEngine:
                     if p.change.crm_id is None and result.crm_id:
                         link = replace(link, crm_id=result.crm_id)
                         report.counts["crm_created"] += 1
+                        # the new opportunity's id goes on every row of its record
+                        p.audit[:] = [a if a.crm_id else replace(a, crm_id=result.crm_id) for a in p.audit]
                         p.audit.append(
-                            self._audit(
-                                "create",
-                                "pc->crm",
-                                "opportunity",
-                                None,
-                                result.crm_id,
-                                "inbound referral",
-                                result.crm_id,
-                                None,
-                            )
-                        )
+                            self._audit("create", "pc->crm", "opportunity", None, result.crm_id,
+                                        "inbound referral", result.crm_id, p.referral)
+                        )  # fmt: skip
+                        if p.referral is not None and not p.referral.is_terminal:
+                            pairings.append((len(links), p.referral, result.crm_id))
                     elif p.change.fields or p.change.stage:
                         report.counts["crm_updated"] += 1
                     if result.new_version:
@@ -778,6 +797,49 @@ class SyncEngine:
                 audit += p.audit
                 report.counts["synced"] += 1
             self.store.save_links(links)
+            self.store.append_audit(audit)
+        if pairings:
+            self._pair_created(pairings, links)
+
+    def _pair_created(self, pairings: list[tuple[int, Deal, str]], links: list[Link]) -> None:
+        """Inbound referrals whose opportunity this page created learn its id (``externalReferenceId``)
+        in the same run — left to the next run, it would be a write with no external change. Outbox
+        rows first, as for every Partner Center write; a refusal here is left to the next run's plan,
+        which pairs any referral still without the CRM id."""
+        ops = [
+            OutboxEntry(
+                self.name, System.PARTNER_CENTER, PcOpKind.PATCH.value, crm_id,
+                payload={"crm_id": crm_id, "referral_id": referral.referral_id, "rule": "pairing"},
+                idempotency_key=str(uuid.uuid4()),
+                based_on=referral.version.value if referral.version else None,
+            )
+            for _, referral, crm_id in pairings
+        ]  # fmt: skip
+        entries = self.store.enqueue_many(ops)
+        saved: list[Link] = []
+        audit: list[AuditEntry] = []
+        for (index, referral, crm_id), entry in zip(pairings, entries, strict=True):
+            try:
+                updated = self.pc.update(
+                    referral,
+                    replace(referral, external_reference_id=crm_id),
+                    request_id=entry.idempotency_key,
+                )
+            except (ConflictError, RecordError) as exc:
+                log.info("pc.pairing_deferred", connection=self.name, crm_id=crm_id, error=type(exc).__name__)
+                continue
+            self._need_report().counts["pc_updated"] += 1
+            link = links[index]
+            saved.append(
+                replace(link, pc_version=updated.version.value if updated.version else link.pc_version)
+            )
+            audit.append(
+                self._audit("set", "crm->pc", "external_reference_id", referral.external_reference_id, crm_id,
+                            "pairing", crm_id, referral)
+            )  # fmt: skip
+        with self.store.transaction():
+            self.store.mark_done_many([e.id for e in entries if e.id is not None])
+            self.store.save_links(saved)
             self.store.append_audit(audit)
 
     # --- outbox, dead letters, problems -----------------------------------------------------------
@@ -825,6 +887,12 @@ class SyncEngine:
         if crm_ids:
             self._reconcile_opportunities(list(self._get_crm(sorted(crm_ids))))
             self._touched_crm |= crm_ids
+            # their referrals show up again in this run's listing (we may just have patched them)
+            self._touched_referrals |= {
+                link.referral_id
+                for link in self.store.links_by_crm_ids(self.name, sorted(crm_ids)).values()
+                if link.referral_id
+            }
 
     def _retry_dead_letters(self) -> None:
         """Open letters are retried while they have attempts left; a letter an operator marked for

@@ -305,6 +305,7 @@ def _plan_linked(
             continue
         explanations.append((change.field, change.direction.value, change.old, change.new, change.rule))
     refused_fields: set[str] = set()
+    field_refusals_from = len(refusals)
     if referral.is_terminal and to_pc:
         refusals += rules.check_update(referral, _apply_fields(referral, to_pc))[:1]
         refused_fields |= set(to_pc)
@@ -323,6 +324,17 @@ def _plan_linked(
         else:
             pc_ops.append(PcOp(PcOpKind.PATCH, after, "field changes", tuple(sorted(to_pc))))
             referral = after
+    if refused_fields:
+        # a refused change is audited as refused (with the fields it covered), never as sent
+        explanations = [
+            e
+            for e in explanations
+            if not (e[1] == Direction.TO_PARTNER_CENTER.value and e[0] in refused_fields)
+        ]
+        named = ",".join(sorted(refused_fields))
+        refusals[field_refusals_from:] = [
+            r if r.field else replace(r, field=named) for r in refusals[field_refusals_from:]
+        ]
     crm_changes.update(
         {k: v for k, v in fields_plan.toward(Direction.TO_CRM).items() if k not in crm_readonly}
     )
@@ -383,11 +395,8 @@ def _plan_linked(
                     )
                 )
                 referral = upgraded
-        if (
-            crm.help_requested is not None
-            and referral.help_requested is None
-            and (base or {}).get("crm:help") is None
-        ):
+        # planned for as long as it holds (the engine reports an unchanged block once, not every run)
+        if crm.help_requested is not None and referral.help_requested is None:
             refusals.append(
                 Refusal(
                     "help-not-patchable",

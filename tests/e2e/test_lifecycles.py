@@ -493,9 +493,10 @@ def test_inbound_received_accepted_through_the_stages_to_won(harness: MakeHarnes
     crm, pc = h.crm, h.pc
     rid = add_inbound(pc)
 
-    # Microsoft's referral arrives: an opportunity parked on the "received" stage, nothing answered yet
+    # Microsoft's referral arrives: an opportunity parked on the "received" stage, nothing answered yet;
+    # the referral learns the new opportunity's id in the same run (one pairing PATCH)
     report = h.clean_run()
-    assert (report.counts["crm_created"], report.counts["synced"], report.counts["pc_updated"]) == (1, 1, 0)
+    assert (report.counts["crm_created"], report.counts["synced"], report.counts["pc_updated"]) == (1, 1, 1)
     [opp] = crm.by_referral(rid)
     assert crm.stage(opp) == crm.label["received"]
     assert crm.notes(opp) == "Customer wants a migration assessment"
@@ -505,7 +506,6 @@ def test_inbound_received_accepted_through_the_stages_to_won(harness: MakeHarnes
     created = {(e.action, e.direction, e.field, e.rule) for e in h.audit()}
     assert ("create", "pc->crm", "opportunity", "inbound referral") in created
     assert ("set", "pc->crm", "opportunity", "reverse:received") in created
-    h.clean_run()  # pairing: the referral learns its CRM id (see the xfail test below)
     assert pc.referrals[rid]["externalReferenceId"] == opp
     h.settle()
 
@@ -568,11 +568,6 @@ def test_inbound_accepted_and_won_in_one_move(harness: MakeHarness, kind: str) -
 
 
 @SQLITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the run that creates the opportunity for an inbound referral leaves the referral's "
-    "externalReferenceId for the next run, which PATCHes Partner Center with no external change",
-)
 def test_an_inbound_referral_is_paired_in_the_run_that_creates_its_opportunity(harness: MakeHarness) -> None:
     h = harness("salesforce")
     rid = add_inbound(h.pc)
@@ -665,11 +660,6 @@ def test_inbound_unanswered_for_14_days_expires_and_the_crm_follows(harness: Mak
 
 
 @SQLITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a CRM change refused because the referral is closed is still audited as a 'set' "
-    "crm->pc change (plan._plan_linked keeps the refused fields' explanations)",
-)
 def test_a_refused_change_is_audited_as_refused_not_as_written(harness: MakeHarness) -> None:
     h = harness("salesforce")
     crm, pc = h.crm, h.pc
@@ -759,11 +749,6 @@ def test_outbound_private_to_partner_led_to_co_sell_to_won(harness: MakeHarness)
 
 
 @SQLITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a record blocked by a refusal keeps 'blocked: <rule>' (link status and the CRM's sync "
-    "status field) after the cause is gone, until some unrelated change makes its plan non-empty",
-)
 def test_a_blocked_record_is_unblocked_once_the_help_is_requested_in_partner_center(
     harness: MakeHarness,
 ) -> None:
@@ -1153,12 +1138,6 @@ def test_manual_conflicts_wait_for_the_operator_whose_choice_the_next_run_applie
 
 
 @SQLITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a record reconciled for an operator's conflict decision is reconciled again in the same "
-    "run's Partner Center phase (engine._pc_phase does not skip what _reconcile_resolved just did): "
-    "its still-open conflict is counted and audited twice",
-)
 def test_a_record_with_a_resolved_conflict_is_reconciled_once_per_run(harness: MakeHarness) -> None:
     h = harness("salesforce", policy={"default": "manual"})
     crm, pc = h.crm, h.pc
