@@ -1124,6 +1124,10 @@ class DynamicsAdapter:
                 values[o.bookkeeping[name]] = value
         if change.referral_id is not None and o.referral_id_field:
             values[o.referral_id_field] = change.referral_id
+        if change.crm_id is None and o.opt_in_field:
+            # an opportunity created for a referral is in sync from birth: without the flag the seller's
+            # accept or decline in the CRM would never be read back
+            values[o.opt_in_field] = True
         skipped = sorted(f)  # team, solutions and anything else without a Dynamics column
         return CrmWrite(change.crm_id, values, based_on=change.based_on, idempotency_key=change.key), skipped
 

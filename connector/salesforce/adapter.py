@@ -1356,6 +1356,10 @@ class SalesforceAdapter:
                     values[target] = value
             if change.stage is not None:
                 values["StageName"] = change.stage
+            if change.crm_id is None and self._crm.opt_in.field:
+                # an opportunity created for a referral is in sync from birth: without the checkbox
+                # the seller's accept or decline in the CRM would never be read back
+                values[self._crm.opt_in.field] = True
             write = self.sync_write(
                 change.crm_id,
                 referral_id=change.referral_id,

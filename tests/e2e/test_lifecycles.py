@@ -153,8 +153,8 @@ class SalesforceBook:
     def by_referral(self, referral_id: str) -> list[str]:
         return [k for k, r in self.twin.tables["Opportunity"].items() if r.get(REFERRAL_FIELD) == referral_id]
 
-    def opt_in(self, crm_id: str) -> None:
-        self.update(crm_id, Sync_with_Partner_Center__c=True)
+    def opted_in(self, crm_id: str) -> bool:
+        return self.row(crm_id).get("Sync_with_Partner_Center__c") is True
 
     def write_requests(self) -> int:
         return sum(len(self.twin.calls(m, "/services/data/")) for m in ("PATCH", "POST", "DELETE"))
@@ -265,8 +265,9 @@ class DataverseBook:
             rows = list(self.twin.rows["opportunities"].items())
         return [k for k, r in rows if r.get("new_referralid") == referral_id]
 
-    def opt_in(self, crm_id: str) -> None:
-        self.update(crm_id, new_syncwithpartnercenter=True)
+    def opted_in(self, crm_id: str) -> bool:
+        with self.twin._data:
+            return self.twin.rows["opportunities"][crm_id].get("new_syncwithpartnercenter") is True
 
     def write_requests(self) -> int:
         with self.twin._lock:
@@ -502,6 +503,7 @@ def test_inbound_received_accepted_through_the_stages_to_won(harness: MakeHarnes
     assert crm.notes(opp) == "Customer wants a migration assessment"
     assert crm.value(opp) == 120000
     assert crm.sync_status(opp) == "synced"
+    assert crm.opted_in(opp)  # in sync from birth: the seller's answer in the CRM is read back
     assert state(pc, rid) == ("New", "Received", None)
     created = {(e.action, e.direction, e.field, e.rule) for e in h.audit()}
     assert ("create", "pc->crm", "opportunity", "inbound referral") in created
@@ -510,7 +512,6 @@ def test_inbound_received_accepted_through_the_stages_to_won(harness: MakeHarnes
     h.settle()
 
     # the seller works it: moving off the received stage accepts it, at the stage it was moved to
-    crm.opt_in(opp)
     crm.move(opp, crm.label["developed"])
     h.later()
     report = h.clean_run()
@@ -552,7 +553,6 @@ def test_inbound_accepted_and_won_in_one_move(harness: MakeHarness, kind: str) -
     h.clean_run()
     [opp] = crm.by_referral(rid)
     h.clean_run()
-    crm.opt_in(opp)
     crm.move(opp, crm.label["won"])
     h.later()
     report = h.clean_run()
@@ -589,7 +589,6 @@ def test_inbound_declined_with_its_reason(harness: MakeHarness, kind: str) -> No
     h.clean_run()
     [opp] = crm.by_referral(rid)
     h.clean_run()
-    crm.opt_in(opp)
 
     if kind == "salesforce":
         # a lost stage without a reason cannot decline: blocked, with the rule's words, nothing sent
@@ -645,7 +644,6 @@ def test_inbound_unanswered_for_14_days_expires_and_the_crm_follows(harness: Mak
     h.settle()
 
     # an expired referral can never change again: a later CRM edit is refused, and the CRM says so
-    crm.opt_in(opp)
     crm.set_notes(opp, "edited after expiry")
     h.later()
     writes_before = pc.count_writes()

@@ -146,7 +146,7 @@ def test_inbound_referral_creates_an_opportunity_and_accepting_in_crm_accepts_it
     assert report.counts["crm_created"] == 1, report.problems
     [opp] = [oid for oid, row in sf.tables["Opportunity"].items() if row.get(REFERRAL_FIELD) == rid]
     assert sf.tables["Opportunity"][opp]["StageName"] == "Prospecting"
-    sf.update_row("Opportunity", opp, {"StageName": "Needs Analysis", "Sync_with_Partner_Center__c": True})
+    sf.update_row("Opportunity", opp, {"StageName": "Needs Analysis"})  # created opted in: no tick needed
     report = run()
     assert report.counts["failed"] == 0, report.problems
     assert (pc.referrals[rid]["status"], pc.referrals[rid]["substatus"]) == ("Active", "Accepted")
