@@ -101,6 +101,8 @@ class StateStore(ABC):
     @abstractmethod
     def mark_done_many(self, entry_ids: Sequence[int]) -> None: ...
     @abstractmethod
+    def prune_outbox(self, connection: str, done_before: datetime) -> int: ...
+    @abstractmethod
     def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None: ...
     @abstractmethod
     def mark_attempt_failed(self, entry_id: int, error: str, retry_at: datetime) -> OutboxEntry: ...
@@ -508,6 +510,20 @@ class SqlStateStore(StateStore):
                     .where(t.outbox.c.id.in_(ids[i : i + 500]))
                     .values(state=OutboxState.DONE.value, last_error="", wait_reason="")
                 )
+
+    def prune_outbox(self, connection: str, done_before: datetime) -> int:
+        """Forget done entries older than ``done_before``: every Partner Center write leaves one, and a
+        book of 100,000 deals would otherwise grow the table by that much per initial sync. Pending,
+        waiting and dead entries are never pruned; the audit log keeps the history."""
+        with self._conn() as conn:
+            result = conn.execute(
+                sa.delete(t.outbox).where(
+                    t.outbox.c.connection == connection,
+                    t.outbox.c.state == OutboxState.DONE.value,
+                    t.outbox.c.created_at < done_before,
+                )
+            )
+        return int(result.rowcount or 0)
 
     def mark_waiting(self, entry_id: int, reason: str, retry_at: datetime | None = None) -> None:
         self._set_outbox(

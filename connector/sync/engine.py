@@ -53,6 +53,8 @@ __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 log = structlog.get_logger(__name__)
 
 PC_CURSOR, CRM_CURSOR = "partner_center", "crm"
+#: done outbox rows are kept this long (for `cosell status` and an operator's questions), then pruned
+OUTBOX_KEEP = timedelta(days=7)
 MAX_RECORD_ATTEMPTS = 5  # a dead letter retried this many times stays dead until a human acts
 
 
@@ -214,6 +216,8 @@ class SyncEngine:
                 self._crm_phase(full)
                 if full:
                     self._drift_report(counts_before)
+            if not dry_run:
+                self.store.prune_outbox(self.name, datetime.now(UTC) - OUTBOX_KEEP)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise

@@ -373,6 +373,18 @@ def test_outbox_rows_are_marked_done_in_bulk(store: SqlStateStore) -> None:
     assert states == {"k0": OutboxState.DONE, "k1": OutboxState.DONE, "k2": OutboxState.PENDING}
 
 
+def test_old_done_entries_are_pruned_and_nothing_else(store: SqlStateStore) -> None:
+    done, pending, waiting = (store.enqueue(entry(k)) for k in ("done", "pending", "waiting"))
+    assert done.id is not None and waiting.id is not None
+    store.mark_done(done.id)
+    store.mark_waiting(waiting.id, "not-accepted-yet")
+    assert store.prune_outbox("acme", datetime.now(UTC) - timedelta(days=1)) == 0  # not old enough
+    assert store.prune_outbox("other", datetime.now(UTC) + timedelta(seconds=1)) == 0
+    assert store.prune_outbox("acme", datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert sorted(e.idempotency_key for e in store.outbox_entries("acme")) == ["pending", "waiting"]
+    _ = pending
+
+
 def test_waiting_entries_are_released_by_key(store: SqlStateStore) -> None:
     waiting = store.enqueue(
         entry("wait:acme:r-1:stage-needs-accepted", state=OutboxState.WAITING, wait_reason="x")
