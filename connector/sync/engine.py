@@ -46,7 +46,16 @@ from connector.state import (
     StateStore,
     System,
 )
-from connector.sync.plan import WAITING_RULES, CrmFacts, PairPlan, PcOp, PcOpKind, plan_pair
+from connector.sync.plan import (
+    WAITING_RULES,
+    CrmFacts,
+    PairPlan,
+    PcOp,
+    PcOpKind,
+    crm_side_settled,
+    pc_side_settled,
+    plan_pair,
+)
 
 __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 
@@ -157,7 +166,11 @@ class SyncEngine:
         self._touched_crm: set[str] = set()
         #: referrals this run already reconciled (an operator's conflict decision applied first)
         self._touched_referrals: set[str] = set()
+        #: pairs whose referral was found settled and whose opportunity the CRM listing has not shown
+        self._settled: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
+        #: this page's links whose pair agreed but whose versions moved
+        self._versions: list[Link] = []
         #: this page's opportunities whose last write by us was read back, and what that found
         self._read_back: list[str] = []
         self._read_back_audit: list[AuditEntry] = []
@@ -181,7 +194,7 @@ class SyncEngine:
     ) -> RunReport:
         run_id = uuid.uuid4().hex
         report = self._report = RunReport(self.name, run_id, self.correlation_id, dry_run)
-        self._touched_crm, self._touched_referrals = set(), set()
+        self._touched_crm, self._touched_referrals, self._settled = set(), set(), set()
         self._resolutions = self._load_resolutions()
         self._dead = {
             (d.system, d.record_id)
@@ -214,6 +227,8 @@ class SyncEngine:
                 counts_before = Counter(report.counts)
                 self._pc_phase(full)
                 self._crm_phase(full)
+                if self._settled:
+                    report.counts["unchanged"] += len(self._settled)
                 if full:
                     self._drift_report(counts_before)
             if not dry_run:
@@ -346,6 +361,8 @@ class SyncEngine:
             if referral.referral_id is None:
                 continue
             link = by_referral.get(referral.referral_id)
+            if self._as_last_synced(link, System.PARTNER_CENTER, referral):
+                continue
             crm_id = link.crm_id if link else (referral.external_reference_id or None)
             if link is None and crm_id:
                 link = by_crm.get(crm_id)
@@ -408,6 +425,9 @@ class SyncEngine:
         for crm in opportunities:
             assert crm.crm_id is not None
             link = links.get(crm.crm_id)
+            if self._as_last_synced(link, System.CRM, crm):
+                continue
+            self._settled.discard(crm.crm_id)
             referral = None
             if link is not None and link.referral_id:
                 try:
@@ -504,6 +524,8 @@ class SyncEngine:
             report.counts["skipped" if plan.skipped else "unchanged"] += 1
             if not report.dry_run:
                 self._clear_dead(crm.crm_id if crm else None, referral.referral_id if referral else None)
+            if plan.is_noop:
+                self._note_versions(crm, referral, link, read_back)
             return None
         report.planned.append(
             PlannedRecord(crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan)
@@ -512,6 +534,62 @@ class SyncEngine:
             report.counts["planned"] += 1
             return None
         return _Work(crm, referral, link, plan, decided, depth, read_back=read_back)
+
+    def _as_last_synced(self, link: Link | None, side: System, deal: Deal) -> bool:
+        """This side of a linked pair is as our last sync left it (the referral's eTag; the
+        opportunity's content against the merge base): nothing on it to reconcile, and the other
+        side, if it changed, is reached through its own listing. Reading the other side for it would cost a call per record — what
+        made a full reconciliation of 100,000 deals read every opportunity twice."""
+        if (
+            link is None
+            or not link.crm_id
+            or not link.referral_id
+            or link.status not in ("linked", "blocked")
+        ):
+            return False
+        if link.crm_written_fields is not None:  # our last write is still to be read back
+            return False
+        if side is System.PARTNER_CENTER:
+            # an eTag changes with every write to the referral: a true version
+            if deal.version is None or link.pc_version is None or deal.version.value != link.pc_version:
+                return False
+            if not pc_side_settled(deal, link.crm_id, link.snapshot):
+                return False
+        elif not crm_side_settled(
+            deal,
+            link.referral_id,
+            link.snapshot,
+            self.crm.write_unsupported,
+            frozenset() if self.pc.patch_name else frozenset({"name"}),
+        ):
+            return False
+        record = (
+            (System.CRM, link.crm_id) if side is System.CRM else (System.PARTNER_CENTER, link.referral_id)
+        )
+        if record in self._dead or link.crm_id in self._resolutions or link.referral_id in self._resolutions:
+            return False
+        if side is System.PARTNER_CENTER:
+            # counted at the end of the run unless the CRM listing shows its other side changed
+            self._settled.add(link.crm_id)
+        else:
+            self._settled.discard(link.crm_id)
+            self._need_report().counts["unchanged"] += 1
+        return True
+
+    def _note_versions(
+        self, crm: Deal | None, referral: Deal | None, link: Link | None, read_back: bool
+    ) -> None:
+        """A pair found in agreement whose versions moved (our own writes read back): remember the
+        versions, so the next run knows this pair without reading its other side."""
+        if link is None or self._need_report().dry_run:
+            return
+        crm_version = crm.version.value if crm is not None and crm.version else link.crm_version
+        pc_version = referral.version.value if referral is not None and referral.version else link.pc_version
+        if (crm_version, pc_version) != (link.crm_version, link.pc_version):
+            noted = replace(link, crm_version=crm_version, pc_version=pc_version)
+            if read_back:  # saved whole: it must not bring back the write this run just read back
+                noted = replace(noted, crm_written_hash=None, crm_written_fields=None)
+            self._versions.append(noted)
 
     def _check_read_back(self, crm: Deal | None, referral: Deal | None, link: Link | None) -> bool:
         """The first read of an opportunity after we wrote it: our own echo, or a peer automation
@@ -746,9 +824,9 @@ class SyncEngine:
 
     def _flush(self, pending: list[_Pending]) -> None:
         """End of a page: one batched CRM write, then links + audit in one transaction."""
-        read_back, notes = self._read_back, self._read_back_audit
-        self._read_back, self._read_back_audit = [], []
-        if not pending and not read_back:
+        read_back, notes, versions = self._read_back, self._read_back_audit, self._versions
+        self._read_back, self._read_back_audit, self._versions = [], [], []
+        if not pending and not read_back and not versions:
             return
         report = self._need_report()
         changes = [p.change for p in pending if p.change is not None]
@@ -760,6 +838,7 @@ class SyncEngine:
         with self.store.transaction():
             # before the links are saved: a link written in this page carries its new write's hash
             self.store.forget_crm_writes(self.name, read_back)
+            self.store.save_links(versions)
             self.store.mark_done_many([i for p in pending for i in p.outbox_ids])
             for p in pending:
                 link = p.link

@@ -39,7 +39,7 @@ from connector.domain.stages import (
 )
 from connector.errors import RecordError
 
-__all__ = ["CrmFacts", "PairPlan", "PcOp", "PcOpKind", "pc_state_key", "plan_pair"]
+__all__ = ["CrmFacts", "PairPlan", "PcOp", "PcOpKind", "crm_side_settled", "pc_state_key", "plan_pair"]
 
 #: Refusals that only mean "not yet": the change waits in the outbox until the rule allows it.
 WAITING_RULES = frozenset({"stage-needs-accepted"})
@@ -231,6 +231,43 @@ def _crm_answers(crm: Deal) -> dict[str, Any]:
         "crm:share": crm.share_with_microsoft,
         "crm:help": crm.help_requested.value if crm.help_requested else None,
     }
+
+
+def crm_side_settled(
+    crm: Deal,
+    referral_id: str,
+    base: Mapping[str, Any],
+    crm_readonly: frozenset[str] = frozenset(),
+    pc_readonly: frozenset[str] = frozenset(),
+) -> bool:
+    """The opportunity holds exactly what the last sync of its pair left (the merge base): its synced
+    fields, its stage, its visibility/help answers and the referral id. Then nothing on the CRM side
+    asks for a write, and whatever changed on Partner Center's side arrives through Partner Center's
+    own listing. Compared by content, not by SystemModstamp: two edits within one second share a
+    stamp, and a skipped record would stay unsynced until its next edit."""
+    if not base or crm.referral_id != referral_id:
+        return False
+    if CrmFacts.of(crm).stage_label != base.get("crm_stage"):
+        return False
+    if any(base.get(k) != v for k, v in _crm_answers(crm).items()):
+        return False
+    for name, value in snapshot_of(crm).items():
+        if name in pc_readonly:  # not sent to Partner Center: a CRM edit of it asks for nothing
+            continue
+        if base.get(f"crm:{name}" if name in crm_readonly else name) != value:
+            return False
+    return True
+
+
+def pc_side_settled(referral: Deal, crm_id: str, base: Mapping[str, Any]) -> bool:
+    """The referral holds what the last sync of its pair left: its synced fields, its state and the
+    CRM id. The engine asks this only of a referral whose eTag is also the one last synced, so an
+    edit that somehow kept its eTag is still caught by content (full reconciliation's promise)."""
+    if not base or pc_state_key(referral).value != base.get("pc_state"):
+        return False
+    if not referral.is_terminal and referral.external_reference_id != crm_id:
+        return False
+    return all(base.get(name) == value for name, value in snapshot_of(referral).items())
 
 
 def _plan_create_opportunity(

@@ -240,6 +240,27 @@ def test_a_dead_letter_marked_for_retry_is_retried_whatever_its_count(
 
 
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_settled_book_is_reconciled_without_reading_the_other_side_record_by_record(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin
+) -> None:
+    opps = [add_opportunity(sf, name=f"Deal {i}") for i in range(5)]
+    run()
+    run()  # reads the initial sync's own writes back
+    before = writes(pc, sf)
+    full = run(full=True)
+    calls = full.calls  # type: ignore[attr-defined]
+    assert full.counts["unchanged"] == 5 and writes(pc, sf) == before
+    # each side listed once; no referral fetched by id for an opportunity, nor the reverse
+    assert not [k for k in calls if k.system == "partner-center" and k.operation != "changes"], calls
+    queries = [c.arg("q") or "" for c in sf.calls("GET", "/services/data/")]
+    by_id = [q for q in queries if "FROM Opportunity WHERE Id IN" in q]
+    assert by_id == [], by_id
+    # an edit on either side is still found by the full run
+    sf.update_row("Opportunity", opps[0], {"Description": "edited"})
+    again = run(full=True)
+    assert again.counts["pc_updated"] == 1 and again.counts["unchanged"] == 4
+
+
 def test_full_reconciliation_reports_duplicates_orphans_and_drift(
     run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
 ) -> None:

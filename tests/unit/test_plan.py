@@ -277,3 +277,32 @@ def test_first_pairing_with_partner_center_ahead_moves_the_crm_forward() -> None
     assert plan.crm_stage == "Negotiation/Review" and not plan.refusals
     again = plan_pair(ahead, CrmFacts("Negotiation/Review"), ahead, plan.base, MAPPING)
     assert again.is_noop
+
+
+def test_a_side_is_settled_only_when_it_holds_the_merge_base() -> None:
+    from connector.domain.model import CrmStageInfo
+    from connector.sync.plan import crm_side_settled, pc_side_settled
+
+    ref = deal(sales_stage=StandardStage.QUALIFIED)
+    assert ref.referral_id and ref.crm_id and ref.external_reference_id == ref.crm_id
+    crm = replace(ref, crm_stage=CrmStageInfo("Needs Analysis", 20))
+    base = plan_pair(crm, CrmFacts.of(crm), ref, base_of("Needs Analysis", ref), MAPPING).base
+    assert crm_side_settled(crm, ref.referral_id, base) and pc_side_settled(ref, ref.crm_id, base)
+    # the CRM side: any synced field, the stage, the referral id, the visibility answer
+    assert not crm_side_settled(replace(crm, notes="edited"), ref.referral_id, base)
+    moved = replace(crm, crm_stage=CrmStageInfo("Proposal/Price Quote", 75))
+    assert not crm_side_settled(moved, ref.referral_id, base)
+    assert not crm_side_settled(crm, "another-referral", base)
+    assert not crm_side_settled(
+        replace(crm, share_with_microsoft=not crm.share_with_microsoft), ref.referral_id, base
+    )
+    # a rename Partner Center is not sent (no /name patch) asks nothing of the CRM side
+    assert crm_side_settled(
+        replace(crm, name="Renamed"), ref.referral_id, base, pc_readonly=frozenset({"name"})
+    )
+    assert not crm_side_settled(replace(crm, name="Renamed"), ref.referral_id, base)
+    # the Partner Center side: fields, state, the CRM id it carries
+    assert not pc_side_settled(replace(ref, notes="edited"), ref.crm_id, base)
+    assert not pc_side_settled(replace(ref, sales_stage=StandardStage.PROPOSED), ref.crm_id, base)
+    assert not pc_side_settled(replace(ref, external_reference_id=None), ref.crm_id, base)
+    assert not crm_side_settled(crm, ref.referral_id, {}) and not pc_side_settled(ref, ref.crm_id, {})
