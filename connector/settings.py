@@ -130,9 +130,10 @@ class SalesforceCrm(_Frozen):
     metadata_ttl: MetadataTtl = timedelta(hours=1)
     bulk_threshold: int = Field(default=10_000, ge=1)
     api_budget_share: float = Field(default=0.25, gt=0, le=1)
-    #: how often getDeleted sweeps for hard deletes and recycle-bin purges (soft deletes arrive with
-    #: every run's queryAll); 0 = every run. At most 14 days: getDeleted keeps 15.
-    delete_sweep: timedelta = timedelta(hours=1)
+    #: how often getDeleted sweeps for hard deletes and recycle-bin purges (soft deletes, the usual
+    #: way a seller deletes, arrive with every run's queryAll); 0 = every run. Daily by default, like
+    #: the full reconciliation, so an idle run stays one call. At most 14 days: getDeleted keeps 15.
+    delete_sweep: timedelta = timedelta(days=1)
 
     @field_validator("api_version")
     @classmethod

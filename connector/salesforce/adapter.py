@@ -38,7 +38,7 @@ Reading (:meth:`SalesforceAdapter.changes`), per run:
      run (the engine applies idempotently). Tested by a record changed between two pages of one run.
 4. Deletes: soft deletes arrive through ``queryAll`` (step 2). Hard deletes and recycle-bin purges
    are invisible to ``queryAll``, so ``getDeleted`` sweeps for them when the cursor's delete coverage
-   (``Cursor.deletes``) is older than ``crm.delete_sweep`` (default 1 h), from that coverage minus the
+   (``Cursor.deletes``) is older than ``crm.delete_sweep`` (default 1 day), from that coverage minus the
    lookback to the signpost. If the coverage is older than getDeleted's 15-day window, or Salesforce
    says its delete log starts later (``earliestDateAvailable``), the run becomes a **full resync** —
    flagged on every page and logged (the incremental first page is dropped unread).

@@ -332,7 +332,7 @@ def test_cursor_older_than_the_delete_window_forces_a_full_resync(
     twin.clock.advance(timedelta(hours=1))
     twin.purge_delete_log(twin.stamp())
     twin.clock.advance(timedelta(hours=1))
-    adapter = make_adapter()
+    adapter = make_adapter(delete_sweep=timedelta(hours=1))  # the sweep is due
     assert all(p.full_resync for p in adapter.pull(cursor))
     assert "purged" in adapter.last_full_resync_reason
 

@@ -247,7 +247,7 @@ def test_hard_deletes_and_purges_are_found_by_the_periodic_sweep(
     twin: SalesforceTwin, make_adapter: MakeAdapter
 ) -> None:
     seeded = seed(twin, 10)
-    adapter = make_adapter()
+    adapter = make_adapter(delete_sweep=timedelta(hours=1))
     cursor = final_cursor(list(adapter.pull(None)))  # deletes covered up to START
     twin.clock.advance(timedelta(minutes=10))
     hard, purged = seeded.opportunities[1], seeded.opportunities[2]
