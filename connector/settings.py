@@ -217,6 +217,9 @@ class PartnerCenter(_Frozen):
     #: send CRM renames as a JSON-Patch on ``/name``: not a path the Swagger definition lists
     #: (partner-center-api.md), so off until confirmed against the live API for this tenant
     patch_name: bool = False
+    #: referral writes in flight at once (different referrals; one referral's stay in order).
+    #: Partner Center documents no limit for the referrals API; 429s are retried with Retry-After.
+    max_concurrency: int = Field(default=4, ge=1, le=16)
 
     @field_validator("authority")
     @classmethod

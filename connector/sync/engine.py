@@ -22,6 +22,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -169,6 +170,8 @@ class SyncEngine:
         #: pairs whose referral was found settled and whose opportunity the CRM listing has not shown
         self._settled: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
+        #: what a page that failed part-way had already done (flushed before the error goes up)
+        self._execute_failed: list[_Pending] = []
         #: this page's links whose pair agreed but whose versions moved
         self._versions: list[Link] = []
         #: this page's opportunities whose last write by us was read back, and what that found
@@ -447,8 +450,11 @@ class SyncEngine:
         try:
             pending += self._execute(works)
         except Exception:
-            self._flush(pending)  # what was already written to Partner Center keeps its new base
+            # what was already written to Partner Center keeps its new base
+            self._flush(pending + self._execute_failed)
             raise
+        finally:
+            self._execute_failed = []
         self._flush(pending)
 
     def _get_crm(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
@@ -624,10 +630,42 @@ class SyncEngine:
             saved = self.store.enqueue_many([entry for _, _, entry in planned])
             for (work, op, _), entry in zip(planned, saved, strict=True):
                 work.ops.append((op, entry))
+        # The requests of different records are independent (one record's stay in order): they go
+        # out on a few threads so the page does not wait on one round trip at a time.
+        workers = min(self.connection.partner_center.max_concurrency, sum(1 for w in works if w.ops))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"cosell-{self.name}") as pool:
+                outcomes = list(pool.map(self._send_ops, works))
+        else:
+            outcomes = [self._send_ops(work) for work in works]
         pending: list[_Pending] = []
-        for work in works:
-            pending += self._send(work)
+        fatal: BaseException | None = None
+        for work, (sent, current, error) in zip(works, outcomes, strict=True):
+            if error is not None and not isinstance(error, ConflictError | RuleViolation | RecordError):
+                # e.g. Partner Center unreachable: the records that did go are still recorded below;
+                # this one's outbox rows stay pending for the next run's replay
+                fatal = fatal or error
+                continue
+            pending += self._send(work, sent, current, error)
+        if fatal is not None:
+            self._execute_failed = pending
+            raise fatal
         return pending
+
+    def _send_ops(
+        self, work: _Work
+    ) -> tuple[list[tuple[PcOp, OutboxEntry]], Deal | None, BaseException | None]:
+        """One record's Partner Center writes, in order; what went, the referral after them, and
+        what stopped them. Runs on a worker thread: touches nothing but the Partner Center client."""
+        sent: list[tuple[PcOp, OutboxEntry]] = []
+        current = work.referral
+        try:
+            for op, entry in work.ops:
+                current = self._pc_write(op, entry, current)
+                sent.append((op, entry))
+        except Exception as exc:  # noqa: BLE001 - handed back to the page's own thread, which decides
+            return sent, current, exc
+        return sent, current, None
 
     def _stage(self, work: _Work) -> list[tuple[PcOp, OutboxEntry]]:
         """Conflicts and waiting changes of one planned record, and its outbox rows to be (inside the
@@ -677,18 +715,23 @@ class SyncEngine:
             for op in _coalesce(plan.pc_ops)
         ]
 
-    def _send(self, work: _Work) -> list[_Pending]:
-        """One record's Partner Center writes, then its pending CRM change and link."""
+    def _send(
+        self,
+        work: _Work,
+        sent: list[tuple[PcOp, OutboxEntry]],
+        current: Deal | None,
+        error: BaseException | None,
+    ) -> list[_Pending]:
+        """After one record's Partner Center writes: its pending CRM change and link, or what its
+        failure means (re-read after a 412, blocked by a rule, a dead letter)."""
         report = self._need_report()
         crm, referral, link = work.crm, work.referral, work.link
         record = work.crm_id or (referral.referral_id if referral else None) or "?"
-        sent: list[tuple[PcOp, OutboxEntry]] = []
+        for op, _ in sent:
+            report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
         try:
-            current = referral
-            for op, entry in work.ops:
-                current = self._pc_write(op, entry, current)
-                sent.append((op, entry))
-                report.counts["pc_created" if op.kind is PcOpKind.CREATE else "pc_updated"] += 1
+            if error is not None:
+                raise error
             pending = self._pending(work, current)
             pending.outbox_ids = [e.id for _, e in work.ops if e.id is not None]
             pending.applied_conflicts = [cid for _, cid in work.decided.values()]

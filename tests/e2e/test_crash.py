@@ -9,6 +9,7 @@ run (the lease is released): the subprocess kill -9 variant belongs to the daemo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,12 +33,16 @@ def crash_on(target: Any, method: str, nth: int, *, after: bool = False) -> Iter
     original = getattr(target, method)
     calls = [0]
 
+    lock = threading.Lock()
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == nth and not after:
+        with lock:  # Partner Center writes go out on several threads: each call keeps its own number
+            calls[0] += 1
+            n = calls[0]
+        if n == nth and not after:
             raise Crash(f"{method} #{nth}")
         result = original(*args, **kwargs)
-        if calls[0] == nth and after:
+        if n == nth and after:
             raise Crash(f"after {method} #{nth}")
         return result
 
