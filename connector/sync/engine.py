@@ -63,6 +63,8 @@ __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 log = structlog.get_logger(__name__)
 
 PC_CURSOR, CRM_CURSOR = "partner_center", "crm"
+#: plans a real run keeps in its report (all of them in a dry run)
+KEPT_PLANS = 1000
 #: done outbox rows are kept this long (for `cosell status` and an operator's questions), then pruned
 OUTBOX_KEEP = timedelta(days=7)
 MAX_RECORD_ATTEMPTS = 5  # a dead letter retried this many times stays dead until a human acts
@@ -181,7 +183,9 @@ class SyncEngine:
         self._waiting: set[str] = set()
         self._seen_referrals: set[str] = set()
         self._seen_opportunities: set[str] = set()
-        self._by_reference: dict[str, list[str]] = {}
+        #: full reconciliation: the first referral seen carrying each CRM id, and any further ones
+        self._by_reference: dict[str, str] = {}
+        self._more_by_reference: dict[str, list[str]] = {}
         #: record id -> field -> (policy, conflict id): human decisions from `cosell conflicts resolve`
         self._resolutions: dict[str, dict[str, tuple[Policy, int]]] = {}
 
@@ -226,7 +230,8 @@ class SyncEngine:
                     self._replay_outbox()
                     self._retry_dead_letters()
                 self._reconcile_resolved()
-                self._seen_referrals, self._seen_opportunities, self._by_reference = set(), set(), {}
+                self._seen_referrals, self._seen_opportunities = set(), set()
+                self._by_reference, self._more_by_reference = {}, {}
                 counts_before = Counter(report.counts)
                 self._pc_phase(full)
                 self._crm_phase(full)
@@ -297,7 +302,11 @@ class SyncEngine:
             if ident:
                 seen.add(ident)
             if attr == "referral_id" and deal.external_reference_id and deal.referral_id:
-                self._by_reference.setdefault(deal.external_reference_id, []).append(deal.referral_id)
+                first = self._by_reference.setdefault(deal.external_reference_id, deal.referral_id)
+                if first != deal.referral_id:
+                    self._more_by_reference.setdefault(deal.external_reference_id, [first]).append(
+                        deal.referral_id
+                    )
 
     def _drift_report(self, before: Counter[str]) -> None:
         """What a full comparison found that the cursors alone had not: duplicates (several referrals
@@ -305,7 +314,7 @@ class SyncEngine:
         the full run had to change). Reported, never silently fixed by deleting anything."""
         report = self._need_report()
         reported = {record for kind, record, _ in report.drift if kind == "duplicate"}
-        for crm_id, referral_ids in self._by_reference.items():
+        for crm_id, referral_ids in self._more_by_reference.items():
             if len(referral_ids) > 1 and crm_id not in reported:
                 detail = f"{len(referral_ids)} referrals carry this CRM id: {', '.join(sorted(referral_ids))}"
                 self._finding("duplicate", crm_id, detail)
@@ -533,9 +542,14 @@ class SyncEngine:
             if plan.is_noop:
                 self._note_versions(crm, referral, link, read_back)
             return None
-        report.planned.append(
-            PlannedRecord(crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan)
-        )
+        # A dry run prints every plan; a real run keeps the first few for its report (the demo's
+        # tables) — keeping all of them held 100,000 plans of an initial sync in memory (800 MB).
+        if report.dry_run or len(report.planned) < KEPT_PLANS:
+            report.planned.append(
+                PlannedRecord(
+                    crm.crm_id if crm else None, referral.referral_id if referral else None, name, plan
+                )
+            )
         if report.dry_run:
             report.counts["planned"] += 1
             return None
