@@ -31,6 +31,7 @@ commit: the "late commit" that defeats naive watermarks (prior-art.md §5 class 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import itertools
@@ -49,7 +50,7 @@ import jwt
 
 from connector.remote.twin import Clock, Twin, TwinCA, TwinRequest, TwinResponse
 from connector.salesforce.soql import id_checksum
-from connector.salesforce.twin_soql import FieldDef, ParsedQuery, SoqlError, parse, sort_key
+from connector.salesforce.twin_soql import Bound, FieldDef, ParsedQuery, SoqlError, parse, sort_key
 
 __all__ = ["MASTER_RECORD_TYPE", "STANDARD_STAGES", "SalesforceTwin", "SeedSummary", "seed"]
 
@@ -332,6 +333,139 @@ class SeedSummary:
     record_types: dict[str, str]
 
 
+# --- indexes --------------------------------------------------------------------------------------
+# Salesforce answers the connector's selective queries from indexes; a twin that scans every row for
+# each query costs ~50 ms per query at 100,000 opportunities (0.2 s for an idle incremental query),
+# which swamps what a benchmark means to measure. So the twin keeps, per table, lazily built indexes
+# for the predicates the connector sends as top-level AND conjuncts (twin_soql.Bound):
+#
+# - ``Id = / IN``: the table itself (it is keyed by Id);
+# - ``<field> = / IN`` on reference fields (OpportunityId, AccountId, ContactId, UserId, ...) and
+#   string fields (the referral id ``find_by_referral`` looks up, an external id in a real org): a hash
+#   index comparison key -> row ids (the key folds case for text, as SOQL's comparison does);
+# - ``SystemModstamp`` ranges: the same hash index plus its distinct stamps kept sorted, so a range
+#   is a bisect (stamps are truncated to the second: many rows share one).
+#
+# An index only narrows the rows looked at: the whole WHERE still runs on them, and they are put back
+# in table order before ORDER BY (whose sort is stable), so a query returns exactly what a scan would.
+# Indexes are built on first use and then maintained by add_row / update_row / delete_row / purge_row;
+# a table dict replaced wholesale (allOrNone rollback) or grown/shrunk behind the twin's back is
+# noticed and its indexes rebuilt. Editing an indexed field of a row dict directly (rather than with
+# update_row) is not noticed: tests must not do that.
+
+_RANGE_INDEXED = frozenset({"SystemModstamp"})
+_SCAN_SHARE = 0.5  # use an index only when it narrows to under this share of the table
+
+
+def _indexable(fd: FieldDef, bound: Bound) -> bool:
+    if fd.name in _RANGE_INDEXED:
+        return True
+    return bound.op == "in" and fd.type in ("id", "reference", "string")
+
+
+class _FieldIndex:
+    """One field of one table: comparison key -> ids of the rows holding it (a bucket is a bare id
+    while it has one row, as most lookup values do, else a set), and with ``ranged`` the distinct
+    non-null keys sorted for range bounds."""
+
+    def __init__(self, fd: FieldDef, *, ranged: bool) -> None:
+        self.fd = fd
+        self.ranged = ranged
+        self.key_of: dict[str, Any] = {}  # row id -> the key it is filed under
+        self.buckets: dict[Any, str | set[str]] = {}
+        self.sorted_keys: list[Any] = []
+
+    def fill(self, table: Mapping[str, Mapping[str, Any]]) -> None:
+        """The first build, from every row: what add() per row would give, in one cheaper pass."""
+        fd, name = self.fd, self.fd.name
+        groups: dict[Any, list[str]] = {}
+        for rid, row in table.items():
+            key = self.key_of[rid] = sort_key(fd, row.get(name))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [rid]
+            else:
+                group.append(rid)
+        self.buckets = {key: ids[0] if len(ids) == 1 else set(ids) for key, ids in groups.items()}
+        if self.ranged:
+            self.sorted_keys = sorted(key for key in groups if key is not None)
+
+    def add(self, rid: str, value: Any) -> None:
+        key = sort_key(self.fd, value)
+        self.key_of[rid] = key
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            self.buckets[key] = rid
+            if self.ranged and key is not None:
+                bisect.insort(self.sorted_keys, key)
+        elif isinstance(bucket, str):
+            self.buckets[key] = {bucket, rid}
+        else:
+            bucket.add(rid)
+
+    def remove(self, rid: str) -> None:
+        if rid not in self.key_of:
+            return
+        key = self.key_of.pop(rid)
+        bucket = self.buckets[key]
+        if isinstance(bucket, set) and len(bucket) > 1:
+            bucket.discard(rid)
+            if len(bucket) == 1:
+                self.buckets[key] = next(iter(bucket))
+            return
+        del self.buckets[key]
+        if self.ranged and key is not None:
+            del self.sorted_keys[bisect.bisect_left(self.sorted_keys, key)]
+
+    def lookup(self, bound: Bound) -> list[str | set[str]]:
+        """The buckets of the rows that may satisfy ``bound`` (disjoint: one per distinct key)."""
+        if bound.op == "in":
+            return [self.buckets[k] for k in bound.keys if k in self.buckets]
+        keys = self.sorted_keys
+        lo, hi = 0, len(keys)
+        if bound.op == ">=":
+            lo = bisect.bisect_left(keys, bound.keys)
+        elif bound.op == ">":
+            lo = bisect.bisect_right(keys, bound.keys)
+        elif bound.op == "<=":
+            hi = bisect.bisect_right(keys, bound.keys)
+        else:  # "<"
+            hi = bisect.bisect_left(keys, bound.keys)
+        return [self.buckets[k] for k in keys[lo:hi]]
+
+
+class _TableIndex:
+    """The indexes of one table, and each row's position in it (dict insertion order: what a scan
+    returns before ORDER BY), so index hits can be put back in scan order."""
+
+    def __init__(self, table: dict[str, dict[str, Any]]) -> None:
+        self.table = table  # the dict indexed; another one in its place means rebuild
+        self.position = {rid: i for i, rid in enumerate(table)}
+        self.next_position = len(table)
+        self.fields: dict[str, _FieldIndex] = {}
+
+    def field(self, fd: FieldDef) -> _FieldIndex:
+        found = self.fields.get(fd.name)
+        if found is None:
+            found = self.fields[fd.name] = _FieldIndex(fd, ranged=fd.name in _RANGE_INDEXED)
+            found.fill(self.table)
+        return found
+
+    def put(self, rid: str, row: Mapping[str, Any]) -> None:
+        """``row`` was added (at the end of the table) or changed."""
+        if rid not in self.position:
+            self.position[rid] = self.next_position
+            self.next_position += 1
+        for index in self.fields.values():
+            index.remove(rid)
+            index.add(rid, row.get(index.fd.name))
+
+    def drop(self, rid: str) -> None:
+        self.position.pop(rid, None)
+        for index in self.fields.values():
+            index.remove(rid)
+
+
 @dataclass
 class _Pending:
     sobject: str
@@ -400,6 +534,7 @@ class SalesforceTwin(Twin):
         self._locators: dict[str, _Locator] = {}
         self._jobs: dict[str, _BulkJob] = {}
         self._data_lock = threading.RLock()
+        self._indexes: dict[str, _TableIndex] = {}  # per sObject, built on first use
         self._seed_stages()
 
     # --- python-side API (tests and seeding) -------------------------------------------------------
@@ -432,6 +567,7 @@ class SalesforceTwin(Twin):
             if sobject == "Opportunity":
                 self._derive_stage(row, set(values))
             self.tables[sobject][rid] = row
+            self._reindex(sobject, rid)
             return rid
 
     def update_row(
@@ -445,6 +581,7 @@ class SalesforceTwin(Twin):
             when = stamp or self.stamp()
             row["SystemModstamp"] = when
             row["LastModifiedDate"] = when
+            self._reindex(sobject, record_id)
 
     def delete_row(self, sobject: str, record_id: str) -> None:
         """Soft delete: to the recycle bin and the delete log. The row's SystemModstamp moves (as in
@@ -456,6 +593,7 @@ class SalesforceTwin(Twin):
                 raise ValueError(f"{record_id} is already deleted")
             when = self.stamp()
             row.update({"IsDeleted": True, "SystemModstamp": when})
+            self._reindex(sobject, record_id)
             self.deleted_log.append((sobject, record_id, when))
 
     def purge_row(self, sobject: str, record_id: str) -> None:
@@ -466,6 +604,7 @@ class SalesforceTwin(Twin):
             if row is None or not row.get("IsDeleted"):
                 raise ValueError(f"{record_id} is not in the recycle bin")
             del self.tables[sobject][record_id]
+            self._reindex(sobject, record_id)
 
     def hard_delete_row(self, sobject: str, record_id: str) -> None:
         """Delete bypassing the recycle bin (Bulk API hardDelete): only getDeleted knows it was there."""
@@ -669,9 +808,56 @@ class SalesforceTwin(Twin):
         )
 
     # --- query ------------------------------------------------------------------------------------
+    def _index(self, sobject: str) -> _TableIndex:
+        """The table's indexes, (re)started empty if missing or no longer describing the table."""
+        table = self.tables[sobject]
+        index = self._indexes.get(sobject)
+        if index is None or index.table is not table or len(index.position) != len(table):
+            index = self._indexes[sobject] = _TableIndex(table)
+        return index
+
+    def _reindex(self, sobject: str, record_id: str) -> None:
+        """Keep built indexes current after a write to ``record_id`` (added, changed or purged)."""
+        index = self._indexes.get(sobject)
+        if index is None or index.table is not self.tables[sobject]:
+            return  # not built, or stale (then _index rebuilds it when next needed)
+        row = index.table.get(record_id)
+        if row is None:
+            index.drop(record_id)
+        else:
+            index.put(record_id, row)
+
+    def _candidates(self, parsed: ParsedQuery) -> list[dict[str, Any]] | None:
+        """The rows the WHERE may match, in table order, from its most selective indexable bound;
+        None when no index narrows it enough to beat a scan."""
+        schema = self.schema[parsed.sobject]
+        table = self.tables[parsed.sobject]
+        usable = [b for b in parsed.bounds if _indexable(schema[b.field], b)]
+        if not usable:
+            return None
+        index = self._index(parsed.sobject)
+        best: tuple[int, list[str | set[str]]] | None = None  # (rows, buckets)
+        for bound in usable:
+            if bound.field == "Id" and bound.op == "in":
+                # The table is keyed by Id (add_row keeps row["Id"] equal to its key): its own index.
+                buckets: list[str | set[str]] = [k for k in bound.keys if k in table]
+            else:
+                buckets = index.field(schema[bound.field]).lookup(bound)
+            size = sum(1 if isinstance(b, str) else len(b) for b in buckets)
+            if best is None or size < best[0]:
+                best = (size, buckets)
+        assert best is not None
+        if best[0] > _SCAN_SHARE * len(table):
+            return None
+        ids = [rid for b in best[1] for rid in ((b,) if isinstance(b, str) else b)]
+        ids.sort(key=index.position.__getitem__)
+        return [table[rid] for rid in ids]
+
     def _rows(self, parsed: ParsedQuery, include_deleted: bool) -> list[dict[str, Any]]:
         table = self.tables[parsed.sobject]
-        rows = [r for r in table.values() if include_deleted or not r.get("IsDeleted")]
+        candidates = self._candidates(parsed)
+        source = table.values() if candidates is None else candidates
+        rows = [r for r in source if include_deleted or not r.get("IsDeleted")]
         if parsed.where is not None:
             rows = [r for r in rows if parsed.where(r)]
         schema = self.schema[parsed.sobject]
@@ -933,6 +1119,7 @@ class SalesforceTwin(Twin):
             if all_or_none and not all(r["success"] for r in results):
                 assert snapshot is not None
                 self.tables = snapshot
+                self._indexes.clear()  # they describe the discarded tables
                 results = [
                     r
                     if not r["success"]

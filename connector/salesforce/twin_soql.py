@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["FieldDef", "ParsedQuery", "SoqlError", "parse"]
+__all__ = ["Bound", "FieldDef", "ParsedQuery", "SoqlError", "parse"]
 
 Row = Mapping[str, Any]
 Pred = Callable[[Row], bool]
@@ -73,6 +73,9 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
+# A string literal without escapes, matched in one step (IN lists carry hundreds of ids); anything
+# else — escapes, an unterminated quote — goes through the character loop and its errors.
+_PLAIN_STRING = re.compile(r"'([^'\\]*)'")
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", '"': '"', "'": "'", "\\": "\\"}
 
 
@@ -89,6 +92,11 @@ def _tokens(text: str) -> list[Tok]:
     n = len(text)
     while i < n:
         if text[i] == "'":
+            plain = _PLAIN_STRING.match(text, i)
+            if plain is not None:
+                out.append(Tok("string", plain.group(1), i))
+                i = plain.end()
+                continue
             buf: list[str] = []
             j = i + 1
             while True:
@@ -137,6 +145,27 @@ def _tokens(text: str) -> list[Tok]:
     return out
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A condition every row matching the WHERE satisfies, simple enough for an index to answer:
+    ``field = v`` / ``field IN (...)`` (``op`` "in", ``keys`` the values' comparison keys) or
+    ``field < <= > >= v`` (``op`` the operator, ``keys`` one key).
+
+    Only top-level AND conjuncts (seen through parentheses) become bounds: a condition under OR,
+    NOT or NOT IN does not restrict the result on its own. Bounds narrow the rows to look at; the
+    twin still evaluates the whole WHERE on them, so results never depend on which index it used."""
+
+    field: str
+    op: str
+    keys: Any
+
+
+@dataclass(frozen=True)
+class _Cond:
+    test: Pred
+    bounds: tuple[Bound, ...] = ()
+
+
 @dataclass
 class ParsedQuery:
     sobject: str
@@ -144,6 +173,7 @@ class ParsedQuery:
     where: Pred | None
     order: list[tuple[str, bool, bool]] = field(default_factory=list)  # (field, ascending, nulls_first)
     limit: int | None = None
+    bounds: tuple[Bound, ...] = ()  # index hints from the WHERE (see Bound)
 
 
 class _Parser:
@@ -212,7 +242,7 @@ class _Parser:
         self.sobject = match
         self.fields = {k.lower(): v for k, v in self.schema[match].items()}
         fields = None if count else [self.field(t).name for t in raw_fields]
-        where = None
+        where: _Cond | None = None
         if self.is_kw("WHERE"):
             self.take()
             where = self.cond()
@@ -250,43 +280,48 @@ class _Parser:
         rest = self.peek()
         if rest is not None:
             raise SoqlError("MALFORMED_QUERY", f"unexpected token at position {rest.pos}: {rest.value!r}")
-        return ParsedQuery(match, fields, where, order, limit)
+        if where is None:
+            return ParsedQuery(match, fields, None, order, limit)
+        return ParsedQuery(match, fields, where.test, order, limit, where.bounds)
 
-    def cond(self) -> Pred:
+    # Each rule returns its predicate with the bounds it implies (see Bound): an AND keeps all of its
+    # parts' bounds, parentheses pass them through, OR and NOT drop them.
+    def cond(self) -> _Cond:
         first = self.conj()
         if not self.is_kw("OR"):
             return first
-        parts = [first]
+        parts = [first.test]
         while self.is_kw("OR"):
             self.take()
-            parts.append(self.conj())
+            parts.append(self.conj().test)
         if self.is_kw("AND"):
             raise SoqlError("MALFORMED_QUERY", "AND and OR need parentheses when mixed")
-        return lambda row: any(p(row) for p in parts)
+        return _Cond(lambda row: any(p(row) for p in parts))
 
-    def conj(self) -> Pred:
+    def conj(self) -> _Cond:
         first = self.unary()
         if not self.is_kw("AND"):
             return first
-        parts = [first]
+        conds = [first]
         while self.is_kw("AND"):
             self.take()
-            parts.append(self.unary())
+            conds.append(self.unary())
         if self.is_kw("OR"):
             raise SoqlError("MALFORMED_QUERY", "AND and OR need parentheses when mixed")
-        return lambda row: all(p(row) for p in parts)
+        parts = [c.test for c in conds]
+        return _Cond(lambda row: all(p(row) for p in parts), tuple(b for c in conds for b in c.bounds))
 
-    def unary(self) -> Pred:
+    def unary(self) -> _Cond:
         if self.is_kw("NOT"):
             self.take()
-            inner = self.unary()
-            return lambda row: not inner(row)
+            inner = self.unary().test
+            return _Cond(lambda row: not inner(row))
         tok = self.peek()
         if tok is not None and tok.kind == "punct" and tok.value == "(":
             self.take()
-            inner = self.cond()
+            group = self.cond()
             self.expect_punct(")")
-            return inner
+            return group
         fd = self.field(self.take())
         negate = False
         if self.is_kw("NOT"):
@@ -305,16 +340,21 @@ class _Parser:
                 if tok.kind != "punct" or tok.value != ",":
                     raise SoqlError("MALFORMED_QUERY", f"expected ',' or ')' at position {tok.pos}")
                 values.append(self.value(fd))
-            keys = {_key(fd, v) for v in values}
+            keys = frozenset(_key(fd, v) for v in values)
             name = fd.name
             if negate:
-                return lambda row: _key(fd, row.get(name)) not in keys
-            return lambda row: _key(fd, row.get(name)) in keys
+                return _Cond(lambda row: _key(fd, row.get(name)) not in keys)
+            return _Cond(lambda row: _key(fd, row.get(name)) in keys, (Bound(name, "in", keys),))
         op = self.take()
         if op.kind != "op":
             raise SoqlError("MALFORMED_QUERY", f"expected an operator at position {op.pos}")
         value = self.value(fd)
-        return _compare(fd, op.value, value)
+        test = _compare(fd, op.value, value)
+        if op.value in ("!=", "<>"):
+            return _Cond(test)
+        if op.value == "=":
+            return _Cond(test, (Bound(fd.name, "in", frozenset([_key(fd, value)])),))
+        return _Cond(test, (Bound(fd.name, op.value, _key(fd, value)),))
 
     def value(self, fd: FieldDef) -> Any:
         tok = self.take()
