@@ -18,6 +18,7 @@ same standard stage).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -355,7 +356,9 @@ class StageMapping:
         return rows
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm(label: str) -> str:
+    # cached: a page's records share a handful of stage labels, normalised on every resolution
     return " ".join(label.split()).casefold()
 
 

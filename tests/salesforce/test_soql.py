@@ -143,6 +143,9 @@ def test_chunked_in_queries_stay_under_the_uri_limit_and_cover_every_id() -> Non
     queries = list(soql.chunk_in_values(ids, build))
     assert all(len(quote_plus(q)) <= soql.MAX_ENCODED_QUERY for q in queries)
     assert 3 <= len(queries) <= 10
+    # as few queries as fit: every chunk but the last is full (one more id would not fit)
+    one_more = len(quote_plus(",'006Tw0000000000'"))
+    assert all(len(quote_plus(q)) + one_more > soql.MAX_ENCODED_QUERY for q in queries[:-1])
     seen = [i for q in queries for i in q.split("(", 1)[1].rstrip(")").replace("'", "").split(",")]
     assert seen == ids
 
