@@ -239,7 +239,7 @@ class SyncEngine:
                     report.counts["unchanged"] += len(self._settled)
                 if full:
                     self._drift_report(counts_before)
-            if not dry_run:
+            if full and not dry_run:  # daily with the full reconciliation: it scans the done rows
                 self.store.prune_outbox(self.name, datetime.now(UTC) - OUTBOX_KEEP)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"

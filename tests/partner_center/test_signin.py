@@ -205,3 +205,34 @@ def test_client_credentials_bad_secret_is_a_config_error(idp: IdpTwin, ca_pem: P
             provider.token()
     finally:
         provider.close()
+
+
+def test_a_delegated_token_is_handed_out_from_memory_until_near_expiry(
+    settings: Settings, sign_in: Callable[[Settings], None], idp: IdpTwin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.remote import signin as signin_module
+    from connector.remote.signin import partner_center_signin
+
+    sign_in(settings)
+    provider = partner_center_signin(settings, CONNECTION)
+    try:
+        first = provider.token()
+        reads = [0]
+        original = TokenCacheFile.refresh
+
+        def counting(self: TokenCacheFile) -> None:
+            reads[0] += 1
+            original(self)
+
+        monkeypatch.setattr(TokenCacheFile, "refresh", counting)
+        assert [provider.token() for _ in range(50)] == [first] * 50
+        assert reads[0] == 0  # no cache file read, no msal lookup per request
+        # a 401 forces a refresh: a new token from the identity provider
+        assert provider.token(force_refresh=True) != first and reads[0] == 1
+        # near its expiry the remembered token is no longer handed out
+        now = signin_module.time.monotonic()
+        monkeypatch.setattr(signin_module.time, "monotonic", lambda: now + 3600)
+        provider.token()
+        assert reads[0] == 2
+    finally:
+        provider.close()
