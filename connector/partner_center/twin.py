@@ -25,6 +25,7 @@ Tests inject 429/5xx through :meth:`Twin.inject` and lose a response after the w
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import functools
 import hashlib
@@ -193,6 +194,11 @@ class PartnerCenterTwin(Twin):
         #: bumped on every write; a listing's filtered, sorted ids are reused while it is unchanged
         self._version = 0
         self._listing: tuple[tuple[str, int], list[str]] | None = None
+        #: per time field, (store version, sorted (ticks, id)): a listing with a lower bound on the
+        #: field starts from a bisect instead of parsing every referral's timestamp (at 100,000
+        #: referrals an idle incremental listing cost the twin 0.3 s; the real service has indexes)
+        self._time_index: dict[str, tuple[int, list[tuple[int, str]]]] = {}
+        self.use_indexes = True
 
     @property
     def api_base_url(self) -> str:
@@ -471,7 +477,7 @@ class PartnerCenterTwin(Twin):
             if self._listing is not None and self._listing[0] == (query_hash, self._version):
                 ids = self._listing[1]
             else:
-                docs = [d for d in self.referrals.values() if all(c.matches(d) for c in comparisons)]
+                docs = [d for d in self._candidates(comparisons) if all(c.matches(d) for c in comparisons)]
                 if key is not None:
                     field, desc = key
                     docs.sort(key=lambda d: (_ticks(d[field]), d["id"]), reverse=desc)
@@ -487,6 +493,32 @@ class PartnerCenterTwin(Twin):
         if offset + top < len(ids):
             body["@odata.nextLink"] = self._next_link(request, offset + top, query_hash)
         return TwinResponse(200, body)
+
+    def _candidates(self, comparisons: list[_Comparison]) -> list[dict[str, Any]]:
+        """The referrals a filter can match: those at or after a time lower bound when there is one
+        (from the index), else all. The full filter is still applied to each (exact semantics)."""
+        bound = next(
+            (
+                c
+                for c in comparisons
+                if c.op in ("ge", "gt") and c.value is not None and _FILTERABLE[c.field] == "time"
+            ),
+            None,
+        )
+        if bound is None or not self.use_indexes:
+            return list(self.referrals.values())
+        cached = self._time_index.get(bound.field)
+        if cached is None or cached[0] != self._version:
+            entries = sorted(
+                (_ticks(d[bound.field]), rid)
+                for rid, d in self.referrals.items()
+                if d.get(bound.field) is not None
+            )
+            cached = (self._version, entries)
+            self._time_index[bound.field] = cached
+        entries = cached[1]
+        start = bisect.bisect_left(entries, (_ticks(bound.value), ""))
+        return [self.referrals[rid] for _, rid in entries[start:]]
 
     @staticmethod
     def _skiptoken(offset: int, query_hash: str) -> str:
