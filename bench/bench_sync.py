@@ -684,7 +684,7 @@ def compare_idle(results: dict[int, dict[str, dict[str, Any]]]) -> None:
         f"idle cost (warm runs), {large:,} vs {small:,} deals",
         [
             ratio("requests", lambda v: f"{v:.0f}", "requests the twins served (worst warm run)"),
-            ratio("wall", ms, "median; includes the twins' own work (they scan the whole book per list)"),
+            ratio("wall", ms, "median; includes the twins' own work (their listings are indexed)"),
             ratio("cpu", ms, "median CPU of the connector process (what the connector itself costs)"),
             ("idle: twins CPU (informative)", f"{ms(g['twins_cpu'])} / {ms(s['twins_cpu'])}", "n/a",
              "the twins process's CPU in the same runs"),
