@@ -165,6 +165,8 @@ class SyncEngine:
         policy = connection.policy
         self.policies = {k: Policy(v) for k, v in policy.fields.items()}
         self.default_policy = Policy(policy.default)
+        #: fields Partner Center is never sent: the name, unless /name patches are enabled
+        self._pc_readonly = frozenset() if pc.patch_name else frozenset({"name"})
         self._report: RunReport | None = None
         self._touched_crm: set[str] = set()
         #: referrals this run already reconciled (an operator's conflict decision applied first)
@@ -172,8 +174,6 @@ class SyncEngine:
         #: pairs whose referral was found settled and whose opportunity the CRM listing has not shown
         self._settled: set[str] = set()
         self._dead: set[tuple[System, str]] = set()
-        #: what a page that failed part-way had already done (flushed before the error goes up)
-        self._execute_failed: list[_Pending] = []
         #: this page's links whose pair agreed but whose versions moved
         self._versions: list[Link] = []
         #: this page's opportunities whose last write by us was read back, and what that found
@@ -457,13 +457,10 @@ class SyncEngine:
         writes, then one batched CRM write and one commit of links, audit and outbox completions."""
         pending: list[_Pending] = []
         try:
-            pending += self._execute(works)
+            self._execute(works, pending)
         except Exception:
-            # what was already written to Partner Center keeps its new base
-            self._flush(pending + self._execute_failed)
+            self._flush(pending)  # what was already written to Partner Center keeps its new base
             raise
-        finally:
-            self._execute_failed = []
         self._flush(pending)
 
     def _get_crm(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
@@ -511,7 +508,7 @@ class SyncEngine:
                 create_opportunities=self.connection.policy.create_opportunities,
                 location_id=self.connection.partner_center.location_id,
                 crm_readonly=self.crm.write_unsupported,
-                pc_readonly=frozenset() if self.pc.patch_name else frozenset({"name"}),
+                pc_readonly=self._pc_readonly,
             )
         except RecordError as exc:
             self._fail(*self._retry_key(crm, referral), exc)
@@ -558,8 +555,9 @@ class SyncEngine:
     def _as_last_synced(self, link: Link | None, side: System, deal: Deal) -> bool:
         """This side of a linked pair is as our last sync left it (the referral's eTag; the
         opportunity's content against the merge base): nothing on it to reconcile, and the other
-        side, if it changed, is reached through its own listing. Reading the other side for it would cost a call per record — what
-        made a full reconciliation of 100,000 deals read every opportunity twice."""
+        side, if it changed, is reached through its own listing. Reading the other side for it would
+        cost a call per record — what made a full reconciliation of 100,000 deals read every
+        opportunity twice."""
         if (
             link is None
             or not link.crm_id
@@ -580,7 +578,7 @@ class SyncEngine:
             link.referral_id,
             link.snapshot,
             self.crm.write_unsupported,
-            frozenset() if self.pc.patch_name else frozenset({"name"}),
+            self._pc_readonly,
         ):
             return False
         record = (
@@ -619,13 +617,11 @@ class SyncEngine:
         if self._need_report().dry_run:
             return False
         assert crm.crm_id is not None
-        rewritten = rewritten_fields(
-            link.crm_written_fields, link.crm_written_hash, snapshot_of(crm), link.snapshot
-        )
+        now = snapshot_of(crm)
+        rewritten = rewritten_fields(link.crm_written_fields, link.crm_written_hash, now, link.snapshot)
         if rewritten:
             self._need_report().counts["peer_rewrites"] += 1
             log.warning("crm.peer_rewrite", connection=self.name, crm_id=crm.crm_id, fields=list(rewritten))
-            now = snapshot_of(crm)
             self._read_back_audit += [
                 self._audit("peer-rewrite", "none", f, link.snapshot.get(f), now.get(f), "echo-check",
                             crm.crm_id, referral)
@@ -634,9 +630,11 @@ class SyncEngine:
         self._read_back.append(crm.crm_id)
         return True
 
-    def _execute(self, works: Sequence[_Work]) -> list[_Pending]:
+    def _execute(self, works: Sequence[_Work], pending: list[_Pending]) -> None:
+        """Send the works' Partner Center writes; what each record then needs goes into ``pending``
+        (also when a fatal error stops the page: the caller flushes what did go)."""
         if not works:
-            return []
+            return
         # Every Partner Center write of the page is in the outbox, with its idempotency key and the
         # eTag it was based on, before the first request goes: one commit per page, not three per record.
         with self.store.transaction():
@@ -652,7 +650,6 @@ class SyncEngine:
                 outcomes = list(pool.map(self._send_ops, works))
         else:
             outcomes = [self._send_ops(work) for work in works]
-        pending: list[_Pending] = []
         fatal: BaseException | None = None
         for work, (sent, current, error) in zip(works, outcomes, strict=True):
             if error is not None and not isinstance(error, ConflictError | RuleViolation | RecordError):
@@ -660,11 +657,9 @@ class SyncEngine:
                 # this one's outbox rows stay pending for the next run's replay
                 fatal = fatal or error
                 continue
-            pending += self._send(work, sent, current, error)
+            self._send(work, sent, current, error, pending)
         if fatal is not None:
-            self._execute_failed = pending
             raise fatal
-        return pending
 
     def _send_ops(
         self, work: _Work
@@ -708,26 +703,26 @@ class SyncEngine:
             self._wait(
                 crm_id or (referral.referral_id if referral else None) or "?", waiting.rule, waiting.message
             )
-        record_key = crm_id or (referral.referral_id if referral else "") or "?"
-        return [
-            (
-                op,
-                OutboxEntry(
-                    self.name,
-                    System.PARTNER_CENTER,
-                    op.kind.value,
-                    record_key,
-                    payload={
-                        "crm_id": crm_id,
-                        "referral_id": referral.referral_id if referral else None,
-                        "rule": op.rule,
-                    },
-                    idempotency_key=str(uuid.uuid4()),
-                    based_on=referral.version.value if referral and referral.version else None,
-                ),
-            )
-            for op in _coalesce(plan.pc_ops)
-        ]
+        return [(op, self._outbox_row(op.kind, crm_id, referral, op.rule)) for op in _coalesce(plan.pc_ops)]
+
+    def _outbox_row(
+        self, kind: PcOpKind, crm_id: str | None, referral: Deal | None, rule: str
+    ) -> OutboxEntry:
+        """A Partner Center write to be, with a fresh idempotency key (sent as its MS-RequestId) and
+        the eTag it is based on."""
+        return OutboxEntry(
+            self.name,
+            System.PARTNER_CENTER,
+            kind.value,
+            crm_id or (referral.referral_id if referral else "") or "?",
+            payload={
+                "crm_id": crm_id,
+                "referral_id": referral.referral_id if referral else None,
+                "rule": rule,
+            },
+            idempotency_key=str(uuid.uuid4()),
+            based_on=referral.version.value if referral and referral.version else None,
+        )
 
     def _send(
         self,
@@ -735,7 +730,8 @@ class SyncEngine:
         sent: list[tuple[PcOp, OutboxEntry]],
         current: Deal | None,
         error: BaseException | None,
-    ) -> list[_Pending]:
+        pending: list[_Pending],
+    ) -> None:
         """After one record's Partner Center writes: its pending CRM change and link, or what its
         failure means (re-read after a 412, blocked by a rule, a dead letter)."""
         report = self._need_report()
@@ -746,10 +742,10 @@ class SyncEngine:
         try:
             if error is not None:
                 raise error
-            pending = self._pending(work, current)
-            pending.outbox_ids = [e.id for _, e in work.ops if e.id is not None]
-            pending.applied_conflicts = [cid for _, cid in work.decided.values()]
-            return [pending]
+            done = self._pending(work, current)
+            done.outbox_ids = [e.id for _, e in work.ops if e.id is not None]
+            done.applied_conflicts = [cid for _, cid in work.decided.values()]
+            pending.append(done)
         except ConflictError as exc:
             self._settle(work, sent)
             if work.depth == 0 and referral is not None and referral.referral_id:
@@ -757,7 +753,9 @@ class SyncEngine:
                 report.counts["reread"] += 1
                 fresh = self.pc.get(referral.referral_id)
                 again = self._plan_record(crm, fresh, link, depth=1)
-                return self._execute([again]) if again is not None else []
+                if again is not None:
+                    self._execute([again], pending)
+                return
             self._fail(
                 *self._retry_key(crm, referral), RecordError(str(exc), record_id=record, cause="pc-conflict")
             )
@@ -767,7 +765,6 @@ class SyncEngine:
         except RecordError as exc:
             self._settle(work, sent)
             self._fail(*self._retry_key(crm, referral), exc)
-        return []
 
     def _settle(self, work: _Work, sent: Sequence[tuple[PcOp, OutboxEntry]]) -> None:
         """A record whose writes stopped part-way: its outbox rows are done, except a create that
@@ -946,16 +943,12 @@ class SyncEngine:
         in the same run — left to the next run, it would be a write with no external change. Outbox
         rows first, as for every Partner Center write; a refusal here is left to the next run's plan,
         which pairs any referral still without the CRM id."""
-        ops = [
-            OutboxEntry(
-                self.name, System.PARTNER_CENTER, PcOpKind.PATCH.value, crm_id,
-                payload={"crm_id": crm_id, "referral_id": referral.referral_id, "rule": "pairing"},
-                idempotency_key=str(uuid.uuid4()),
-                based_on=referral.version.value if referral.version else None,
-            )
-            for _, referral, crm_id in pairings
-        ]  # fmt: skip
-        entries = self.store.enqueue_many(ops)
+        entries = self.store.enqueue_many(
+            [
+                self._outbox_row(PcOpKind.PATCH, crm_id, referral, "pairing")
+                for _, referral, crm_id in pairings
+            ]
+        )
         saved: list[Link] = []
         audit: list[AuditEntry] = []
         for (index, referral, crm_id), entry in zip(pairings, entries, strict=True):
