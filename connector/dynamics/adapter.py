@@ -334,12 +334,13 @@ class DynamicsAdapter:
         session: ApiSession,
         *,
         stage_mapping: StageMapping | None = None,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.options = options
         self.session = session
         self.stage_mapping = stage_mapping
-        self._now = now
+        #: the clock metadata_ttl is measured on (tests pass the twin's)
+        self._now = now or (lambda: datetime.now(UTC))
         self._meta: _Metadata | None = None
         self._meta_read_at: datetime | None = None
         self._currencies: dict[str, str] = {}  # transactioncurrencyid -> ISO code (stable)
@@ -1535,8 +1536,6 @@ def build_adapter(
     """The adapter for one configured environment, on the shared HTTP plumbing."""
     options = DynamicsOptions.from_settings(crm, **overrides)
     session = ApiSession(SYSTEM, http_client(ca_bundle), tokens=tokens, policy=policy, calls=calls)
-    if now is None:
-        return DynamicsAdapter(options, session, stage_mapping=stage_mapping)
     return DynamicsAdapter(options, session, stage_mapping=stage_mapping, now=now)
 
 

@@ -31,12 +31,11 @@ class CallCounter:
             self._counts[CallKey(system, operation, str(status))] += 1
 
     def total(self, system: str | None = None, operation: str | None = None) -> int:
-        with self._lock:
-            return sum(
-                n
-                for k, n in self._counts.items()
-                if (system is None or k.system == system) and (operation is None or k.operation == operation)
-            )
+        return sum(
+            n
+            for k, n in self.snapshot().items()
+            if (system is None or k.system == system) and (operation is None or k.operation == operation)
+        )
 
     def snapshot(self) -> dict[CallKey, int]:
         with self._lock:
@@ -60,10 +59,3 @@ class _Window(CallCounter):
     def snapshot(self) -> dict[CallKey, int]:
         now = self._parent.snapshot()
         return {k: n - self._baseline.get(k, 0) for k, n in now.items() if n - self._baseline.get(k, 0)}
-
-    def total(self, system: str | None = None, operation: str | None = None) -> int:
-        return sum(
-            n
-            for k, n in self.snapshot().items()
-            if (system is None or k.system == system) and (operation is None or k.operation == operation)
-        )

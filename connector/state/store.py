@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -40,6 +40,9 @@ from connector.state.records import (
 __all__ = ["SqlStateStore", "StateStore", "open_store"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+T = TypeVar("T", str, int)
 
 
 def _now() -> datetime:
@@ -251,15 +254,11 @@ class SqlStateStore(StateStore):
         return {link.referral_id: link for link in found if link.referral_id}
 
     def _links_in(self, connection: str, column: sa.Column[Any], values: Sequence[str]) -> list[Link]:
-        unique = sorted(set(values))
         out: list[Link] = []
         with self._conn() as conn:
-            # SQLite's default bound-parameter limit is 32,766 (999 before 3.32): chunks of 500 fit both
-            for i in range(0, len(unique), 500):
+            for chunk in _in_chunks(values):
                 rows = conn.execute(
-                    sa.select(t.links).where(
-                        t.links.c.connection == connection, column.in_(unique[i : i + 500])
-                    )
+                    sa.select(t.links).where(t.links.c.connection == connection, column.in_(chunk))
                 ).mappings()
                 out += [_link(row) for row in rows]
         return out
@@ -298,11 +297,10 @@ class SqlStateStore(StateStore):
                     if value is not None:
                         by_connection.setdefault(link.connection, set()).add(value)
                 for connection, wanted in by_connection.items():
-                    ordered = sorted(wanted)
-                    for i in range(0, len(ordered), 500):
+                    for chunk in _in_chunks(wanted):
                         rows = conn.execute(
                             sa.select(t.links.c.id, column).where(
-                                t.links.c.connection == connection, column.in_(ordered[i : i + 500])
+                                t.links.c.connection == connection, column.in_(chunk)
                             )
                         )
                         existing.update({(connection, attr, value): row_id for row_id, value in rows})
@@ -332,12 +330,11 @@ class SqlStateStore(StateStore):
 
     def forget_crm_writes(self, connection: str, crm_ids: Sequence[str]) -> None:
         """Our writes to these opportunities have been read back (echo or peer rewrite, both noted)."""
-        ids = sorted(set(crm_ids))
         with self._conn() as conn:
-            for i in range(0, len(ids), 500):
+            for chunk in _in_chunks(crm_ids):
                 conn.execute(
                     sa.update(t.links)
-                    .where(t.links.c.connection == connection, t.links.c.crm_id.in_(ids[i : i + 500]))
+                    .where(t.links.c.connection == connection, t.links.c.crm_id.in_(chunk))
                     .values(crm_written_hash=None, crm_written_fields=None)
                 )
 
@@ -502,12 +499,11 @@ class SqlStateStore(StateStore):
         self._set_outbox(entry_id, state=OutboxState.DONE.value, last_error="", wait_reason="")
 
     def mark_done_many(self, entry_ids: Sequence[int]) -> None:
-        ids = sorted(set(entry_ids))
         with self._conn() as conn:
-            for i in range(0, len(ids), 500):
+            for chunk in _in_chunks(entry_ids):
                 conn.execute(
                     sa.update(t.outbox)
-                    .where(t.outbox.c.id.in_(ids[i : i + 500]))
+                    .where(t.outbox.c.id.in_(chunk))
                     .values(state=OutboxState.DONE.value, last_error="", wait_reason="")
                 )
 
@@ -897,6 +893,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # --- row -> record ---------------------------------------------------------------------------------
+
+
+def _in_chunks(values: Iterable[T]) -> Iterator[list[T]]:
+    """Distinct values in sorted chunks for IN (...): SQLite's bound-parameter limit is 32,766
+    (999 before 3.32), so chunks of 500 fit every version and PostgreSQL alike."""
+    ordered = sorted(set(values))
+    for i in range(0, len(ordered), 500):
+        yield ordered[i : i + 500]
 
 
 def _link_values(link: Link, now: datetime) -> dict[str, Any]:
