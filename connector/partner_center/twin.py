@@ -215,6 +215,18 @@ class PartnerCenterTwin(Twin):
         """Store a referral as given (a fixture, a hand-made edge case); fills the fields writes need."""
         return copy.deepcopy(self._insert(copy.deepcopy(doc)))
 
+    def edit(self, referral_id: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """An edit made in Partner Center itself (by Microsoft, or in the portal), not through the
+        API the connector uses: ``change`` is applied to the stored referral, which gets a new
+        ``updatedDateTime`` and eTag as the service stamps every change."""
+        with self._store:
+            doc = self.referrals[referral_id]
+            change(doc)
+            doc["updatedDateTime"] = self._now()
+            doc["eTag"] = self._etag()
+            self._version += 1
+            return copy.deepcopy(doc)
+
     def _insert(self, doc: dict[str, Any]) -> dict[str, Any]:
         stored = self._complete(doc)
         with self._store:

@@ -115,11 +115,7 @@ def test_cosell_sync_exit_codes_dry_run_and_operator_views(
     assert pc.referrals[rid]["salesStage"] == "60"
 
     # 1: the referral closed Won in Partner Center, then the CRM edits the amount -> blocked, listed
-    with pc._store:
-        pc.referrals[rid].update(
-            {"status": "Closed", "substatus": "Won", "updatedDateTime": pc._now(), "eTag": pc._etag()}
-        )
-        pc._version += 1
+    pc.edit(rid, lambda d: d.update(status="Closed", substatus="Won"))
     code, out, err = cosell(capsys, "--config", config, "sync")
     assert code == 0, out + err  # the CRM follows Partner Center to Closed Won
     sf.update_row("Opportunity", opp, {"Amount": 99000.0})

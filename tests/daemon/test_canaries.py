@@ -143,10 +143,7 @@ def test_no_secret_anywhere_and_no_contact_detail_in_logs_or_audit(
     assert any(row.get(REFERRAL_FIELD) == rid for row in sf.tables["Opportunity"].values())
 
     # ... then the daemon briefly: a run at start, a Partner Center-side change, SIGTERM
-    with pc._store:
-        pc.referrals[rid]["details"]["notes"] = "changed by Microsoft"
-        pc.referrals[rid]["updatedDateTime"] = pc._now()
-        pc._version += 1
+    pc.edit(rid, lambda d: d["details"].update(notes="changed by Microsoft"))
     daemon = start_daemon(Setup(setup.config, setup.settings, env))
     daemon.wait_for(lambda: daemon.event("run.end"), "a daemon run")
     daemon.proc.send_signal(signal.SIGTERM)

@@ -10,22 +10,13 @@ from tests.e2e.conftest import CONNECTION, Run
 from tests.e2e.test_sync import add_opportunity, writes
 
 
-def edit_notes_in_partner_center(pc: PartnerCenterTwin, rid: str, notes: str) -> None:
-    with pc._store:  # a Microsoft-side edit
-        doc = pc.referrals[rid]
-        doc["details"]["notes"] = notes
-        doc["updatedDateTime"] = pc._now()
-        doc["eTag"] = pc._etag()
-        pc._version += 1
-
-
 def test_a_peer_automation_rewriting_our_write_is_counted_once_and_never_loops(
     run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
 ) -> None:
     opp = add_opportunity(sf)
     run()
     [rid] = pc.referrals
-    edit_notes_in_partner_center(pc, rid, "Microsoft seller engaged")
+    pc.edit(rid, lambda d: d["details"].update(notes="Microsoft seller engaged"))
     first = run()
     assert sf.tables["Opportunity"][opp]["Description"] == "Microsoft seller engaged"
     assert first.counts["peer_rewrites"] == 0
@@ -56,7 +47,7 @@ def test_reading_back_our_own_write_is_an_echo_not_a_rewrite(
     opp = add_opportunity(sf)
     run()
     [rid] = pc.referrals
-    edit_notes_in_partner_center(pc, rid, "from Microsoft")
+    pc.edit(rid, lambda d: d["details"].update(notes="from Microsoft"))
     run()
     before = writes(pc, sf)
     echo = run()

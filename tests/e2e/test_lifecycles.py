@@ -420,16 +420,6 @@ def harness(
 # --- Partner Center side helpers ---------------------------------------------------------------------
 
 
-def pc_edit(pc: PartnerCenterTwin, rid: str, change: Callable[[dict[str, Any]], None]) -> None:
-    """An edit made in Partner Center (by Microsoft, or the partner's staff in the portal)."""
-    with pc._store:
-        doc = pc.referrals[rid]
-        change(doc)
-        doc["updatedDateTime"] = pc._now()
-        doc["eTag"] = pc._etag()
-        pc._version += 1
-
-
 def add_inbound(
     pc: PartnerCenterTwin, *, name: str = "Inbound from Microsoft", age: timedelta = timedelta(0)
 ) -> str:
@@ -664,7 +654,7 @@ def test_a_refused_change_is_audited_as_refused_not_as_written(harness: MakeHarn
     opp = crm.add_opportunity("Closed deal", crm.label["qualified"], notes="before")
     h.clean_run()
     [rid] = pc.referrals
-    pc_edit(pc, rid, lambda d: d.update(status="Closed", substatus="Won"))
+    pc.edit(rid, lambda d: d.update(status="Closed", substatus="Won"))
     h.later()
     h.clean_run()  # the CRM follows Partner Center to Closed Won
     assert crm.stage(opp) == "Closed Won"
@@ -726,7 +716,7 @@ def test_outbound_private_to_partner_led_to_co_sell_to_won(harness: MakeHarness)
     h.settle()  # refused once, not again and again
 
     # a person requests the help in Partner Center, as the message says: the deal is co-sell
-    pc_edit(pc, rid, lambda d: d.update(inviteContext={"assistanceRequestCode": "ProofOfConceptOrDemo"}))
+    pc.edit(rid, lambda d: d.update(inviteContext={"assistanceRequestCode": "ProofOfConceptOrDemo"}))
     h.later()
     h.clean_run()
     assert not h.store.conflicts(CONNECTION)
@@ -759,7 +749,7 @@ def test_a_blocked_record_is_unblocked_once_the_help_is_requested_in_partner_cen
     h.later()
     assert h.run().counts["blocked"] == 1
     assert crm.sync_status(opp) == "blocked: help-not-patchable"
-    pc_edit(pc, rid, lambda d: d.update(inviteContext={"assistanceRequestCode": "QuotesOrLicensing"}))
+    pc.edit(rid, lambda d: d.update(inviteContext={"assistanceRequestCode": "QuotesOrLicensing"}))
     h.later()
     h.clean_run()
     link = h.store.link_by_crm(CONNECTION, opp)
@@ -840,7 +830,7 @@ def test_partner_center_moves_reach_the_crm_through_the_reverse_mapping(
     [rid] = pc.referrals
     h.later()
     h.clean_run()
-    pc_edit(pc, rid, lambda d: d.update(move))
+    pc.edit(rid, lambda d: d.update(move))
     h.later()
     report = h.clean_run()
     assert (report.counts["crm_updated"], report.counts["pc_updated"]) == (1, 0)
@@ -881,7 +871,7 @@ def test_team_and_solutions_added_in_partner_center_survive_a_crm_push(
         doc["team"].append(copy.deepcopy(MICROSOFT_SELLER))
         doc["details"]["requirements"]["solutions"].append(dict(azure))
 
-    pc_edit(pc, rid, microsoft_joins)
+    pc.edit(rid, microsoft_joins)
     h.later()
     crm_writes = crm.write_requests()
     report = h.clean_run()
@@ -924,7 +914,7 @@ def test_salesforce_team_edits_flow_to_partner_center_and_keep_microsoft_sellers
     h.clean_run()
     [rid] = pc.referrals
     owner = pc.referrals[rid]["team"][0]["email"]
-    pc_edit(pc, rid, lambda d: d["team"].append(copy.deepcopy(MICROSOFT_SELLER)))
+    pc.edit(rid, lambda d: d["team"].append(copy.deepcopy(MICROSOFT_SELLER)))
     h.later()
     h.clean_run()
 
@@ -978,8 +968,7 @@ def test_solutions_edited_on_either_side_round_trip_through_a_multi_select_field
     def solutions() -> list[str]:
         return sorted(s["id"] for s in pc.referrals[rid]["details"]["requirements"]["solutions"])
 
-    pc_edit(
-        pc,
+    pc.edit(
         rid,
         lambda d: d["details"]["requirements"]["solutions"].append({"id": "SOL-MSFT-AZURE", "type": "Name"}),
     )
@@ -1032,7 +1021,7 @@ def test_conflicting_edits_follow_the_policy(harness: MakeHarness, kind: str, po
         crm.set_value(opp, 61000.0)
 
     def pc_side() -> None:
-        pc_edit(pc, rid, lambda d: d["details"].update(notes="pc notes", dealValue=72000))
+        pc.edit(rid, lambda d: d["details"].update(notes="pc notes", dealValue=72000))
 
     first, second = (pc_side, crm_edit) if last == "crm" else (crm_edit, pc_side)
     first()
@@ -1077,8 +1066,8 @@ def test_manual_conflicts_wait_for_the_operator_whose_choice_the_next_run_applie
     crm.set_notes(opp, "crm notes")
     crm.set_value(opp, 61000.0)
     crm.move(opp, crm.label["proposed"])
-    pc_edit(
-        pc, rid, lambda d: (d["details"].update(notes="pc notes", dealValue=72000), d.update(salesStage="80"))
+    pc.edit(
+        rid, lambda d: (d["details"].update(notes="pc notes", dealValue=72000), d.update(salesStage="80"))
     )
     h.later()
     writes_before = (pc.count_writes(), crm.write_requests())
@@ -1145,7 +1134,7 @@ def test_a_record_with_a_resolved_conflict_is_reconciled_once_per_run(harness: M
     h.later()
     crm.set_notes(opp, "crm notes")
     crm.set_value(opp, 61000.0)
-    pc_edit(pc, rid, lambda d: d["details"].update(notes="pc notes", dealValue=72000))
+    pc.edit(rid, lambda d: d["details"].update(notes="pc notes", dealValue=72000))
     h.later()
     assert h.clean_run().counts["conflicts"] == 2
     notes, value = sorted(h.store.conflicts(CONNECTION), key=lambda c: c.field)

@@ -104,12 +104,7 @@ def test_crm_stage_and_partner_center_notes_flow_both_ways(
     run()
     [rid] = pc.referrals
     sf.update_row("Opportunity", opp, {"StageName": "Proposal/Price Quote"})
-    with pc._store:  # a Microsoft-side edit of the notes
-        doc = pc.referrals[rid]
-        doc["details"]["notes"] = "Microsoft seller engaged"
-        doc["updatedDateTime"] = pc._now()
-        doc["eTag"] = pc._etag()
-        pc._version += 1
+    pc.edit(rid, lambda d: d["details"].update(notes="Microsoft seller engaged"))
     report = run()
     assert report.counts["failed"] == 0, report.problems
     assert pc.referrals[rid]["salesStage"] == "60"
@@ -163,11 +158,7 @@ def test_closed_referral_refuses_crm_edits_and_says_why(
     opp = add_opportunity(sf)
     run()
     [rid] = pc.referrals
-    with pc._store:
-        pc.referrals[rid].update(
-            {"status": "Closed", "substatus": "Won", "updatedDateTime": pc._now(), "eTag": pc._etag()}
-        )
-        pc._version += 1
+    pc.edit(rid, lambda d: d.update(status="Closed", substatus="Won"))
     run()  # the CRM follows Partner Center to Closed Won
     assert sf.tables["Opportunity"][opp]["StageName"] == "Closed Won"
     sf.update_row("Opportunity", opp, {"Amount": 99000.0})
@@ -180,15 +171,6 @@ def test_closed_referral_refuses_crm_edits_and_says_why(
     assert datetime.now(UTC)  # keeps the import honest for the time helpers above
 
 
-def _edit_notes(pc: PartnerCenterTwin, rid: str, notes: str) -> None:
-    with pc._store:  # a Microsoft-side edit
-        doc = pc.referrals[rid]
-        doc["details"]["notes"] = notes
-        doc["updatedDateTime"] = pc._now()
-        doc["eTag"] = pc._etag()
-        pc._version += 1
-
-
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
 def test_a_manual_conflict_waits_for_a_human_and_their_choice_is_applied(
     run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore, settings: Any
@@ -197,7 +179,7 @@ def test_a_manual_conflict_waits_for_a_human_and_their_choice_is_applied(
     run()
     [rid] = pc.referrals
     sf.update_row("Opportunity", opp, {"Description": "crm notes"})
-    _edit_notes(pc, rid, "pc notes")
+    pc.edit(rid, lambda d: d["details"].update(notes="pc notes"))
     conn = settings.connections[CONNECTION]
     policy = conn.policy.model_copy(update={"fields": {"notes": "manual"}})
     settings.connections[CONNECTION] = conn.model_copy(update={"policy": policy})  # as if configured so
