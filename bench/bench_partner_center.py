@@ -57,7 +57,7 @@ def list_all(settings: Settings, calls: CallCounter) -> tuple[int, int]:
     with PartnerCenterClient.from_settings(settings, CONNECTION, calls=calls) as client:
         for page in client.changes(None):
             pages += 1
-            deals += len(page.deals)  # streamed: nothing is kept across pages
+            deals += len(page.converted()[0])  # streamed: nothing is kept across pages
     return deals, pages
 
 

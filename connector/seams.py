@@ -10,13 +10,14 @@ keyset, a delta link); the engine persists them only after the records they cove
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from connector.domain.model import Deal
 from connector.domain.stages import CrmStage
+from connector.errors import RecordError
 
 __all__ = [
     "ChangePage",
@@ -24,6 +25,7 @@ __all__ = [
     "CrmChange",
     "CrmField",
     "CrmWrite",
+    "Listed",
     "RecordFailure",
     "ReferralStore",
     "WriteResult",
@@ -40,8 +42,31 @@ class RecordFailure:
 
 
 @dataclass(frozen=True)
+class Listed:
+    """A record as a listing returned it, not yet converted into a :class:`Deal`.
+
+    Converting (schema validation, then the canonical model) is most of what reading a page costs;
+    a full reconciliation finds nearly every record as its last sync left it. The engine compares
+    ``version`` and ``fingerprint`` with the link first and calls ``read`` only for the rest.
+    """
+
+    record_id: str
+    #: the remote's concurrency token as listed (an eTag)
+    version: str | None
+    #: a digest of the record's whole content as listed: equal digests, equal records
+    fingerprint: str
+    #: the id this record carries of its other side (a referral's ``externalReferenceId``)
+    reference: str | None
+    #: the conversion; raises :class:`~connector.errors.RecordError` for a record it cannot read
+    read: Callable[[], Deal]
+
+
+@dataclass(frozen=True)
 class ChangePage:
-    """One page of changes. ``cursor`` is where to resume after this page is committed."""
+    """One page of changes. ``cursor`` is where to resume after this page is committed.
+
+    An adapter gives its records converted (``deals``) or, where conversion is costly, ``listed``
+    for the engine to convert only those it needs (see :class:`Listed`)."""
 
     deals: Sequence[Deal]
     deleted_ids: Sequence[str] = ()
@@ -49,6 +74,17 @@ class ChangePage:
     cursor: str | None = None
     #: True when the adapter fell back to a full resync (expired token, window exceeded); logged.
     full_resync: bool = False
+    listed: Sequence[Listed] = ()
+
+    def converted(self) -> tuple[list[Deal], list[RecordFailure]]:
+        """Every record of the page as a deal, the listed ones converted; failures of both."""
+        deals, failures = list(self.deals), list(self.failures)
+        for item in self.listed:
+            try:
+                deals.append(item.read())
+            except RecordError as exc:
+                failures.append(RecordFailure(item.record_id, exc.cause or "invalid", str(exc)))
+        return deals, failures
 
 
 @dataclass(frozen=True)

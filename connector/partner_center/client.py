@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
+import functools
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator, Mapping
@@ -67,7 +69,7 @@ from connector.remote.http import USER_AGENT, http_client
 from connector.remote.retry import RetryPolicy
 from connector.remote.session import ApiSession
 from connector.remote.tokens import TokenProvider
-from connector.seams import ChangePage, RecordFailure, ReferralStore
+from connector.seams import ChangePage, Listed, RecordFailure, ReferralStore
 from connector.settings import Settings
 
 __all__ = ["PartnerCenterClient", "PartnerCenterPermissionError", "ReferralPage"]
@@ -91,6 +93,26 @@ class ReferralPage:
     max_updated: str | None
     #: the server's clock (HTTP ``Date``) when the listing's first page was answered
     listing_started: str | None = None
+
+
+@dataclass(frozen=True)
+class _RawPage:
+    """One page of a listing as it came: its items not yet validated."""
+
+    items: list[Any]
+    next_link: str | None
+    listing_started: str | None
+
+    @property
+    def max_updated(self) -> str | None:
+        """The largest server ``updatedDateTime`` on the page (raw text); malformed ones skipped."""
+        newest: str | None = None
+        for item in self.items:
+            raw = item.get("updatedDateTime") if isinstance(item, dict) else None
+            if isinstance(raw, str):
+                with contextlib.suppress(ValueError):  # the item is reported unreadable when read
+                    newest = _later(newest, raw)
+        return newest
 
 
 def _odata_text(value: str) -> str:
@@ -288,6 +310,12 @@ class PartnerCenterClient:
         operation: str = "list",
     ) -> Iterator[ReferralPage]:
         """Every page of a listing, one request per page, following ``@odata.nextLink`` (§2.2)."""
+        for raw in self._raw_pages(filters=filters, orderby=orderby, operation=operation):
+            yield dataclasses.replace(_page(raw.items, raw.next_link), listing_started=raw.listing_started)
+
+    def _raw_pages(
+        self, *, filters: tuple[str, ...], orderby: str | None, operation: str
+    ) -> Iterator[_RawPage]:
         params: dict[str, str] = {"$top": str(self.page_size)}
         if filters:
             params["$filter"] = " and ".join(filters)
@@ -312,7 +340,12 @@ class PartnerCenterClient:
                     f"{response.headers.get('Request-ID', '-')})",
                     cause="pc-unreadable",
                 ) from None
-            page = dataclasses.replace(_page(items, body.get("@odata.nextLink")), listing_started=started)
+            next_link = body.get("@odata.nextLink")
+            page = _RawPage(
+                items if isinstance(items, list) else [],
+                next_link if isinstance(next_link, str) and next_link else None,
+                started,
+            )
             yield page
             if not page.next_link:
                 return
@@ -369,40 +402,26 @@ class PartnerCenterClient:
 
     def _ascending(self, cursor: str | None, filters: tuple[str, ...]) -> Iterator[ChangePage]:
         watermark = cursor
-        for page in self.pages(filters=filters, orderby="updatedDateTime asc", operation="changes"):
+        for page in self._raw_pages(filters=filters, orderby="updatedDateTime asc", operation="changes"):
             watermark = _later(watermark, page.max_updated)
             if not page.next_link and page.listing_started is not None:
                 # The whole window was read: the cursor may move up to the server's own clock at the
                 # listing's start (the HTTP Date header, still the server's clock, never ours). Without
                 # it an idle book would re-read the lookback window behind its last change forever.
                 watermark = _later(watermark, page.listing_started)
-            yield self._change_page(page.referrals, page.failures, watermark)
+            yield _change_page(page.items, watermark)
 
     def _descending(self, cursor: str | None, since: str) -> Iterator[ChangePage]:
         # Newest first, so a cursor is only safe once the whole window was read: last page only.
         floor = utc_ticks(since)
         watermark = cursor
-        for page in self.pages(orderby="updatedDateTime desc", operation="changes"):
-            fresh = tuple(
-                r for r in page.referrals if r.updated_date_time and utc_ticks(r.updated_date_time) >= floor
-            )
+        for page in self._raw_pages(filters=(), orderby="updatedDateTime desc", operation="changes"):
+            fresh = [item for item in page.items if not _older(item, floor)]
             watermark = _later(watermark, page.max_updated)
-            done = len(fresh) < len(page.referrals) or not page.next_link
-            yield self._change_page(fresh, page.failures, watermark if done else None)
+            done = len(fresh) < len(page.items) or not page.next_link
+            yield _change_page(fresh, watermark if done else None)
             if done:
                 return
-
-    def _change_page(
-        self, referrals: tuple[Referral, ...], failures: tuple[RecordFailure, ...], cursor: str | None
-    ) -> ChangePage:
-        deals: list[Deal] = []
-        failed = list(failures)
-        for ref in referrals:
-            try:
-                deals.append(referral_to_deal(ref))
-            except RecordError as exc:
-                failed.append(RecordFailure(exc.record_id, exc.cause, str(exc)))
-        return ChangePage(deals=tuple(deals), failures=tuple(failed), cursor=cursor)
 
     def get(self, referral_id: str) -> Deal:
         return referral_to_deal(self._get_referral(referral_id))
@@ -549,6 +568,54 @@ def _server_date(response: httpx.Response) -> str | None:
     if when.tzinfo is None:
         return None
     return format_utc(when)
+
+
+def _older(item: Any, floor: int) -> bool:
+    raw = item.get("updatedDateTime") if isinstance(item, dict) else None
+    try:
+        return isinstance(raw, str) and utc_ticks(raw) < floor
+    except ValueError:
+        return False  # kept: reading it reports it
+
+
+def fingerprint(item: Mapping[str, Any]) -> str:
+    """A digest of a referral's whole content as listed (key order ignored)."""
+    text = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _read(item: Any) -> Deal:
+    rid = str(item.get("id", "")) if isinstance(item, dict) else ""
+    try:
+        ref = Referral.model_validate(item)
+    except ValidationError as exc:
+        raise RecordError(
+            f"{exc.error_count()} invalid field(s)", record_id=rid, cause="pc-unreadable"
+        ) from None
+    return referral_to_deal(ref)
+
+
+def _change_page(items: list[Any], cursor: str | None) -> ChangePage:
+    """A page of changes whose referrals are validated and converted only when the engine asks
+    (:class:`~connector.seams.Listed`): a full reconciliation finds nearly all of them unchanged."""
+    listed: list[Listed] = []
+    failures: list[RecordFailure] = []
+    for item in items:
+        rid = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(rid, str) or not rid:
+            failures.append(RecordFailure("", "pc-unreadable", "a listed referral has no id"))
+            continue
+        etag, reference = item.get("eTag"), item.get("externalReferenceId")
+        listed.append(
+            Listed(
+                record_id=rid,
+                version=etag if isinstance(etag, str) and etag else None,
+                fingerprint=fingerprint(item),
+                reference=reference if isinstance(reference, str) and reference else None,
+                read=functools.partial(_read, item),
+            )
+        )
+    return ChangePage(deals=(), failures=tuple(failures), cursor=cursor, listed=tuple(listed))
 
 
 def _page(items: Any, next_link: Any) -> ReferralPage:

@@ -42,6 +42,8 @@ class Link:
     crm_written_hash: str | None = None
     pc_written_hash: str | None = None
     crm_written_fields: tuple[str, ...] | None = None
+    #: digest of the referral content last found in agreement with ``snapshot`` (at ``pc_version``)
+    pc_fingerprint: str | None = None
     status: str = "linked"  # linked | blocked | orphaned
     status_detail: str = ""
     updated_at: datetime | None = None

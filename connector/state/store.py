@@ -914,6 +914,7 @@ def _link_values(link: Link, now: datetime) -> dict[str, Any]:
         "crm_written_hash": link.crm_written_hash,
         "crm_written_fields": list(link.crm_written_fields) if link.crm_written_fields is not None else None,
         "pc_written_hash": link.pc_written_hash,
+        "pc_fingerprint": link.pc_fingerprint,
         "status": link.status,
         "status_detail": link.status_detail,
         "updated_at": now,
@@ -933,6 +934,7 @@ def _link(row: Any) -> Link:
         if row["crm_written_fields"] is not None
         else None,
         pc_written_hash=row["pc_written_hash"],
+        pc_fingerprint=row["pc_fingerprint"],
         status=row["status"],
         status_detail=row["status_detail"],
         updated_at=row["updated_at"],

@@ -34,7 +34,7 @@ from connector.domain.model import Deal
 from connector.errors import ConflictError, RecordError, RetryLater, RuleViolation
 from connector.logs import _scrub
 from connector.mappings import MappingSet
-from connector.seams import CrmAdapter, CrmChange, RecordFailure, ReferralStore
+from connector.seams import CrmAdapter, CrmChange, Listed, RecordFailure, ReferralStore
 from connector.settings import Connection
 from connector.state import (
     AuditEntry,
@@ -57,6 +57,7 @@ from connector.sync.plan import (
     pc_side_settled,
     plan_pair,
 )
+from connector.sync.read_ahead import read_ahead
 
 __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 
@@ -176,6 +177,8 @@ class SyncEngine:
         self._dead: set[tuple[System, str]] = set()
         #: this page's links whose pair agreed but whose versions moved
         self._versions: list[Link] = []
+        #: referral id -> fingerprint of the listed content, for the page being reconciled
+        self._fingerprints: dict[str, str] = {}
         #: this page's opportunities whose last write by us was read back, and what that found
         self._read_back: list[str] = []
         self._read_back_audit: list[AuditEntry] = []
@@ -234,6 +237,7 @@ class SyncEngine:
                 self._by_reference, self._more_by_reference = {}, {}
                 counts_before = Counter(report.counts)
                 self._pc_phase(full)
+                self._fingerprints = {}
                 self._crm_phase(full)
                 if self._settled:
                     report.counts["unchanged"] += len(self._settled)
@@ -273,23 +277,29 @@ class SyncEngine:
     def _pc_phase(self, full: bool) -> None:
         report = self._need_report()
         cursor = None if full else self.store.cursor(self.name, PC_CURSOR)
-        for page in self.pc.changes(cursor):
+        for page in read_ahead(self.pc.changes(cursor)):
             report.full_resync |= page.full_resync
             self._failures(System.PARTNER_CENTER, page.failures)
             if full:
                 self._census(page.deals, self._seen_referrals, "referral_id")
-            self._reconcile_referrals([d for d in page.deals if d.referral_id not in self._touched_referrals])
+                self._census_listed(page.listed)
+            self._reconcile_referrals(
+                [d for d in page.deals if d.referral_id not in self._touched_referrals],
+                [item for item in page.listed if item.record_id not in self._touched_referrals],
+            )
             self._commit_cursor(PC_CURSOR, page.cursor)
 
     def _crm_phase(self, full: bool) -> None:
         report = self._need_report()
         cursor = None if full else self.store.cursor(self.name, CRM_CURSOR)
-        for page in self.crm.changes(cursor):
+        for page in read_ahead(self.crm.changes(cursor)):
             report.full_resync |= page.full_resync
-            self._failures(System.CRM, page.failures)
+            # the CRM adapters convert as they read; a lazy one would be read whole here
+            read, failures = page.converted() if page.listed else (page.deals, page.failures)
+            self._failures(System.CRM, failures)
             if full:
-                self._census(page.deals, self._seen_opportunities, "crm_id")
-            deals = [d for d in page.deals if d.crm_id and d.crm_id not in self._touched_crm]
+                self._census(read, self._seen_opportunities, "crm_id")
+            deals = [d for d in read if d.crm_id and d.crm_id not in self._touched_crm]
             self._reconcile_opportunities(deals)
             for gone in page.deleted_ids:
                 self._crm_deleted(gone)
@@ -307,6 +317,15 @@ class SyncEngine:
                     self._more_by_reference.setdefault(deal.external_reference_id, [first]).append(
                         deal.referral_id
                     )
+
+    def _census_listed(self, listed: Sequence[Listed]) -> None:
+        """:meth:`_census` for records not converted: their ids and references are enough."""
+        for item in listed:
+            self._seen_referrals.add(item.record_id)
+            if item.reference:
+                first = self._by_reference.setdefault(item.reference, item.record_id)
+                if first != item.record_id:
+                    self._more_by_reference.setdefault(item.reference, [first]).append(item.record_id)
 
     def _drift_report(self, before: Counter[str]) -> None:
         """What a full comparison found that the cursors alone had not: duplicates (several referrals
@@ -359,9 +378,11 @@ class SyncEngine:
 
     # --- pairing ----------------------------------------------------------------------------------
 
-    def _reconcile_referrals(self, referrals: Sequence[Deal]) -> None:
-        ids = [r.referral_id for r in referrals if r.referral_id]
+    def _reconcile_referrals(self, referrals: Sequence[Deal], listed: Sequence[Listed] = ()) -> None:
+        ids = [r.referral_id for r in referrals if r.referral_id] + [item.record_id for item in listed]
         by_referral = self.store.links_by_referral_ids(self.name, ids) if ids else {}
+        if listed:
+            referrals = [*referrals, *self._read_listed(listed, by_referral)]
         unlinked_refs = [
             r.external_reference_id
             for r in referrals
@@ -451,6 +472,24 @@ class SyncEngine:
             if work is not None:
                 works.append(work)
         self._execute_page(works)
+
+    def _read_listed(self, listed: Sequence[Listed], links: Mapping[str, Link]) -> list[Deal]:
+        """The listed referrals not as their last sync left them, converted (a failure isolated);
+        the others are settled here without the cost of reading them."""
+        self._fingerprints = {}
+        out: list[Deal] = []
+        for item in listed:
+            link = links.get(item.record_id)
+            if self._as_last_synced(link, System.PARTNER_CENTER, listed=item):
+                continue
+            try:
+                deal = item.read()
+            except RecordError as exc:
+                self._fail(System.PARTNER_CENTER, item.record_id, exc)
+                continue
+            self._fingerprints[item.record_id] = item.fingerprint
+            out.append(deal)
+        return out
 
     def _execute_page(self, works: list[_Work]) -> None:
         """A page's planned records: their outbox rows in one commit, then their Partner Center
@@ -552,12 +591,15 @@ class SyncEngine:
             return None
         return _Work(crm, referral, link, plan, decided, depth, read_back=read_back)
 
-    def _as_last_synced(self, link: Link | None, side: System, deal: Deal) -> bool:
-        """This side of a linked pair is as our last sync left it (the referral's eTag; the
-        opportunity's content against the merge base): nothing on it to reconcile, and the other
+    def _as_last_synced(
+        self, link: Link | None, side: System, deal: Deal | None = None, *, listed: Listed | None = None
+    ) -> bool:
+        """This side of a linked pair is as our last sync left it (the referral's eTag and content;
+        the opportunity's content against the merge base): nothing on it to reconcile, and the other
         side, if it changed, is reached through its own listing. Reading the other side for it would
         cost a call per record — what made a full reconciliation of 100,000 deals read every
-        opportunity twice."""
+        opportunity twice. A referral still only listed (``listed``) is judged without converting it:
+        by its eTag and the fingerprint of the content last found in agreement with the merge base."""
         if (
             link is None
             or not link.crm_id
@@ -569,18 +611,32 @@ class SyncEngine:
             return False
         if side is System.PARTNER_CENTER:
             # an eTag changes with every write to the referral: a true version
-            if deal.version is None or link.pc_version is None or deal.version.value != link.pc_version:
+            version = (
+                listed.version
+                if listed is not None
+                else (deal.version.value if deal and deal.version else None)
+            )
+            if version is None or link.pc_version is None or version != link.pc_version:
                 return False
-            if not pc_side_settled(deal, link.crm_id, link.snapshot):
+            if listed is not None:
+                # the content compared with the merge base when this fingerprint was noted; any
+                # edit since (even one that somehow kept its eTag) changes it
+                if link.pc_fingerprint != listed.fingerprint:
+                    return False
+            else:
+                assert deal is not None
+                if not pc_side_settled(deal, link.crm_id, link.snapshot):
+                    return False
+        else:
+            assert deal is not None
+            if not crm_side_settled(
+                deal,
+                link.referral_id,
+                link.snapshot,
+                self.crm.write_unsupported,
+                self._pc_readonly,
+            ):
                 return False
-        elif not crm_side_settled(
-            deal,
-            link.referral_id,
-            link.snapshot,
-            self.crm.write_unsupported,
-            self._pc_readonly,
-        ):
-            return False
         record = (
             (System.CRM, link.crm_id) if side is System.CRM else (System.PARTNER_CENTER, link.referral_id)
         )
@@ -589,22 +645,48 @@ class SyncEngine:
         if side is System.PARTNER_CENTER:
             # counted at the end of the run unless the CRM listing shows its other side changed
             self._settled.add(link.crm_id)
+            if listed is None and deal is not None:
+                self._note_fingerprint(link, deal)
         else:
             self._settled.discard(link.crm_id)
             self._need_report().counts["unchanged"] += 1
         return True
 
+    def _note_fingerprint(self, link: Link, referral: Deal) -> None:
+        """A referral found, by content, as the merge base has it: remember the fingerprint of the
+        content it was listed with, so the next listing of it is settled without converting it."""
+        found = self._fingerprints.get(link.referral_id or "")
+        if found is None or found == link.pc_fingerprint or self._need_report().dry_run:
+            return
+        version = referral.version.value if referral.version else None
+        if (
+            version == link.pc_version
+            and link.crm_id
+            and pc_side_settled(referral, link.crm_id, link.snapshot)
+        ):
+            self._versions.append(replace(link, pc_fingerprint=found))
+
     def _note_versions(
         self, crm: Deal | None, referral: Deal | None, link: Link | None, read_back: bool
     ) -> None:
         """A pair found in agreement whose versions moved (our own writes read back): remember the
-        versions, so the next run knows this pair without reading its other side."""
+        versions, so the next run knows this pair without reading its other side; and the listed
+        referral's fingerprint, so the next listing of it needs no conversion either."""
         if link is None or self._need_report().dry_run:
             return
         crm_version = crm.version.value if crm is not None and crm.version else link.crm_version
         pc_version = referral.version.value if referral is not None and referral.version else link.pc_version
-        if (crm_version, pc_version) != (link.crm_version, link.pc_version):
-            noted = replace(link, crm_version=crm_version, pc_version=pc_version)
+        noted = replace(link, crm_version=crm_version, pc_version=pc_version)
+        found = self._fingerprints.get(link.referral_id or "")
+        if (
+            found is not None
+            and found != link.pc_fingerprint
+            and referral is not None
+            and link.crm_id
+            and pc_side_settled(referral, link.crm_id, link.snapshot)
+        ):
+            noted = replace(noted, pc_fingerprint=found)
+        if noted != link:
             if read_back:  # saved whole: it must not bring back the write this run just read back
                 noted = replace(noted, crm_written_hash=None, crm_written_fields=None)
             self._versions.append(noted)

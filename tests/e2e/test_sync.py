@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from connector.partner_center import client as pc_client
 from connector.partner_center.twin import PartnerCenterTwin
 from connector.salesforce.twin import SalesforceTwin
 from connector.state import DeadLetter, SqlStateStore, System
@@ -269,3 +270,25 @@ def test_full_reconciliation_reports_duplicates_orphans_and_drift(
     link = store.link_by_crm(CONNECTION, a)
     assert link is not None and link.referral_id == by_ref[a]
     assert pc.referrals["00000000-0000-4000-8000-00000000dup1"]["externalReferenceId"] == a
+
+
+def test_a_referral_listed_as_last_synced_is_not_converted_and_an_edit_keeping_its_etag_is_found(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opps = [add_opportunity(sf, name=f"Deal {i}") for i in range(3)]
+    run()
+    run()  # reads the initial sync's writes back: the referrals' fingerprints are noted then
+    assert all((link := store.link_by_crm(CONNECTION, o)) and link.pc_fingerprint for o in opps)
+    converted: list[str] = []
+    real = pc_client._read
+    monkeypatch.setattr(pc_client, "_read", lambda item: converted.append(item["id"]) or real(item))
+    full = run(full=True)
+    assert full.counts["unchanged"] == 3 and converted == []
+    # written straight into the twin's store: new content, same eTag and updatedDateTime
+    rid = next(r for r, doc in pc.referrals.items() if doc["externalReferenceId"] == opps[1])
+    with pc._store:
+        pc.referrals[rid]["details"]["notes"] = "edited, eTag kept"
+    again = run(full=True)
+    assert converted == [rid]
+    assert again.counts["crm_updated"] == 1 and again.counts["unchanged"] == 2
+    assert sf.tables["Opportunity"][opps[1]]["Description"] == "edited, eTag kept"

@@ -247,7 +247,7 @@ def test_refused_updated_filter_falls_back_to_an_ordered_scan(
     api.get(REFERRALS).mock(side_effect=answer)
     pages = list(client.changes("2026-03-02T09:00:00.0000000Z"))
     assert client.updated_filter_supported is False
-    assert [len(p.deals) for p in pages] == [1, 1]
+    assert [len(p.converted()[0]) for p in pages] == [1, 1]
     assert [p.cursor for p in pages] == [None, "2026-03-02T09:03:00Z"]  # only once the window was read
 
 
@@ -259,8 +259,9 @@ def test_unreadable_items_are_isolated_and_do_not_stop_the_page(
     good = referral(id=str(uuid.uuid4()), updatedDateTime="2026-03-02T09:00:00Z")
     api.get(REFERRALS).mock(return_value=httpx.Response(200, json={"value": [bad_time, bad_status, good]}))
     (page,) = list(client.changes(None))
-    assert [d.referral_id for d in page.deals] == [good["id"]]
-    assert sorted(f.cause for f in page.failures) == ["pc-unknown-status", "pc-unreadable"]
+    deals, failures = page.converted()
+    assert [d.referral_id for d in deals] == [good["id"]]
+    assert sorted(f.cause for f in failures) == ["pc-unknown-status", "pc-unreadable"]
     assert page.cursor == "2026-03-02T10:00:00Z"
 
 

@@ -65,8 +65,9 @@ def test_pages_through_5000_referrals_one_call_per_page(
     pages = 0
     for page in client.changes(None):
         pages += 1
-        assert len(page.deals) <= 100 and not page.failures
-        seen.update(d.referral_id or "" for d in page.deals)
+        deals, failures = page.converted()
+        assert len(deals) <= 100 and not failures
+        seen.update(d.referral_id or "" for d in deals)
     assert seen == set(seeded)
     assert pages == 50
     assert calls.total("partner-center") == 50
@@ -86,7 +87,7 @@ def test_published_next_links_are_rewritten_onto_the_base_url(
         sign_in(settings)
         seeded = pc.seed(250)
         with PartnerCenterClient.from_settings(settings, CONNECTION) as client:
-            got = [d.referral_id for page in client.changes(None) for d in page.deals]
+            got = [d.referral_id for page in client.changes(None) for d in page.converted()[0]]
         requests = pc.calls("GET", "/")
     assert sorted(got) == sorted(seeded)
     assert len(requests) == 3 and all(r.path == API_PREFIX for r in requests)
@@ -137,7 +138,7 @@ def test_incremental_listing_uses_the_servers_updated_time(
         client.update(before, replace(before, notes="edited in the CRM"), request_id=str(uuid.uuid4()))
 
     pages = list(client.changes(cursor))
-    got = {d.referral_id for page in pages for d in page.deals}
+    got = {d.referral_id for page in pages for d in page.converted()[0]}
     assert got == set(edited)
     assert pages[-1].cursor == format_utc(clock.now())
     last = pc.calls("GET", API_PREFIX)[-1]
@@ -231,7 +232,7 @@ def test_429_retry_after_is_honoured(
     pc.seed(150)
     throttled = TwinResponse(429, fixture_json("error-throttled-429.json"), {"Retry-After": "57"})
     pc.inject(Fault(throttled, match=lambda r: r.method == "GET"))
-    got = [d for page in client.changes(None) for d in page.deals]
+    got = [d for page in client.changes(None) for d in page.converted()[0]]
     assert len(got) == 150
     assert waits == [57.0]
 
@@ -258,8 +259,8 @@ def test_token_expiry_mid_run_is_transparent(
     pages = client.changes(None)
     first = next(pages)
     clock.advance(timedelta(hours=2))  # the access token msal still holds is now expired on the server
-    rest = [d for page in pages for d in page.deals]
-    assert len(first.deals) + len(rest) == 300
+    rest = [d for page in pages for d in page.converted()[0]]
+    assert len(first.converted()[0]) + len(rest) == 300
     assert idp.counters.token_requests.get("refresh_token") == 1
     snapshot = {k.status: n for k, n in calls.snapshot().items()}
     assert snapshot == {"200": 3, "401": 1}
