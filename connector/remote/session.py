@@ -64,6 +64,8 @@ class ApiSession:
     ) -> httpx.Response:
         """Send with retries; returns the final response (any non-transient status) or raises
         :class:`RetryLater` / :class:`RateLimited` once the retry budget is spent."""
+        if self.policy.max_attempts == 1:  # the caller runs the retry loop (a create): no second one
+            return self._send_with_auth(operation, method, url, headers, params, json, content, record_id)
         for attempt in self.policy.retrying():
             with attempt:
                 return self._send_with_auth(operation, method, url, headers, params, json, content, record_id)
