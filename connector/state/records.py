@@ -12,6 +12,7 @@ __all__ = [
     "Conflict",
     "DeadLetter",
     "Link",
+    "LinkHead",
     "OutboxEntry",
     "OutboxState",
     "RunRecord",
@@ -42,11 +43,32 @@ class Link:
     crm_written_hash: str | None = None
     pc_written_hash: str | None = None
     crm_written_fields: tuple[str, ...] | None = None
-    #: digest of the referral content last found in agreement with ``snapshot`` (at ``pc_version``)
+    #: digests of each side's content as last found in agreement with ``snapshot``
     pc_fingerprint: str | None = None
+    crm_fingerprint: str | None = None
     status: str = "linked"  # linked | blocked | orphaned
     status_detail: str = ""
     updated_at: datetime | None = None
+
+    @property
+    def awaiting_read_back(self) -> bool:
+        """Our last CRM write is not read back yet."""
+        return self.crm_written_fields is not None
+
+
+@dataclass(frozen=True)
+class LinkHead:
+    """A link without its merge base: what tells a listed record is as its last sync left it, read
+    without decoding the snapshot (most of a settled page's cost when every link was read whole)."""
+
+    crm_id: str | None
+    referral_id: str | None
+    status: str
+    pc_version: str | None
+    pc_fingerprint: str | None
+    crm_fingerprint: str | None
+    #: our last CRM write is not read back yet (``Link.crm_written_fields`` is set)
+    awaiting_read_back: bool
 
 
 class OutboxState(StrEnum):

@@ -31,6 +31,7 @@ from connector.state.records import (
     Conflict,
     DeadLetter,
     Link,
+    LinkHead,
     OutboxEntry,
     OutboxState,
     RunRecord,
@@ -71,6 +72,14 @@ class StateStore(ABC):
     def links_by_crm_ids(self, connection: str, crm_ids: Sequence[str]) -> dict[str, Link]: ...
     @abstractmethod
     def links_by_referral_ids(self, connection: str, referral_ids: Sequence[str]) -> dict[str, Link]: ...
+    @abstractmethod
+    def link_heads_by_crm_ids(self, connection: str, crm_ids: Sequence[str]) -> dict[str, LinkHead]: ...
+    @abstractmethod
+    def link_heads_by_referral_ids(
+        self, connection: str, referral_ids: Sequence[str]
+    ) -> dict[str, LinkHead]: ...
+    @abstractmethod
+    def iter_link_heads(self, connection: str, batch: int = 5000) -> Iterator[LinkHead]: ...
     @abstractmethod
     def save_link(self, link: Link) -> Link: ...
     @abstractmethod
@@ -261,6 +270,44 @@ class SqlStateStore(StateStore):
                     sa.select(t.links).where(t.links.c.connection == connection, column.in_(chunk))
                 ).mappings()
                 out += [_link(row) for row in rows]
+        return out
+
+    def link_heads_by_crm_ids(self, connection: str, crm_ids: Sequence[str]) -> dict[str, LinkHead]:
+        """:meth:`links_by_crm_ids` without the merge base (nothing decoded)."""
+        return {h.crm_id: h for h in self._heads(connection, t.links.c.crm_id, crm_ids) if h.crm_id}
+
+    def link_heads_by_referral_ids(self, connection: str, referral_ids: Sequence[str]) -> dict[str, LinkHead]:
+        return {
+            h.referral_id: h
+            for h in self._heads(connection, t.links.c.referral_id, referral_ids)
+            if h.referral_id
+        }
+
+    def iter_link_heads(self, connection: str, batch: int = 5000) -> Iterator[LinkHead]:
+        """Every link of a connection without its merge base, streamed in id order."""
+        last = 0
+        while True:
+            with self._conn() as conn:
+                rows = conn.execute(
+                    sa.select(t.links.c.id, *_HEAD_COLUMNS)
+                    .where(t.links.c.connection == connection, t.links.c.id > last)
+                    .order_by(t.links.c.id)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield LinkHead(*row[1:])
+            last = rows[-1][0]
+
+    def _heads(self, connection: str, column: sa.Column[Any], values: Sequence[str]) -> list[LinkHead]:
+        out: list[LinkHead] = []
+        with self._conn() as conn:
+            for chunk in _in_chunks(values):
+                rows = conn.execute(
+                    sa.select(*_HEAD_COLUMNS).where(t.links.c.connection == connection, column.in_(chunk))
+                )
+                out += [LinkHead(*row) for row in rows]
         return out
 
     def _one_link(self, where: sa.ColumnElement[bool]) -> Link | None:
@@ -903,6 +950,22 @@ def _in_chunks(values: Iterable[T]) -> Iterator[list[T]]:
         yield ordered[i : i + 500]
 
 
+#: LinkHead's fields, in order; the written fields are only asked whether they are there (not decoded)
+_HEAD_COLUMNS = (
+    t.links.c.crm_id,
+    t.links.c.referral_id,
+    t.links.c.status,
+    t.links.c.pc_version,
+    t.links.c.pc_fingerprint,
+    t.links.c.crm_fingerprint,
+    # Python None is stored as SQL NULL by rows older than 0002 and as JSON 'null' by the others
+    sa.and_(
+        t.links.c.crm_written_fields.is_not(None),
+        sa.cast(t.links.c.crm_written_fields, sa.Text) != "null",
+    ),
+)
+
+
 def _link_values(link: Link, now: datetime) -> dict[str, Any]:
     return {
         "connection": link.connection,
@@ -915,6 +978,7 @@ def _link_values(link: Link, now: datetime) -> dict[str, Any]:
         "crm_written_fields": list(link.crm_written_fields) if link.crm_written_fields is not None else None,
         "pc_written_hash": link.pc_written_hash,
         "pc_fingerprint": link.pc_fingerprint,
+        "crm_fingerprint": link.crm_fingerprint,
         "status": link.status,
         "status_detail": link.status_detail,
         "updated_at": now,
@@ -935,6 +999,7 @@ def _link(row: Any) -> Link:
         else None,
         pc_written_hash=row["pc_written_hash"],
         pc_fingerprint=row["pc_fingerprint"],
+        crm_fingerprint=row["crm_fingerprint"],
         status=row["status"],
         status_detail=row["status_detail"],
         updated_at=row["updated_at"],

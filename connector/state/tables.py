@@ -54,6 +54,7 @@ links = sa.Table(
     sa.Column("crm_written_fields", sa.JSON),  # migration 0002
     sa.Column("pc_written_hash", sa.String(64)),
     sa.Column("pc_fingerprint", sa.String(64)),  # migration 0003
+    sa.Column("crm_fingerprint", sa.String(64)),  # migration 0003
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_detail", sa.Text, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),

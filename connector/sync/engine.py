@@ -41,6 +41,7 @@ from connector.state import (
     Conflict,
     DeadLetter,
     Link,
+    LinkHead,
     OutboxEntry,
     OutboxState,
     RunRecord,
@@ -177,8 +178,9 @@ class SyncEngine:
         self._dead: set[tuple[System, str]] = set()
         #: this page's links whose pair agreed but whose versions moved
         self._versions: list[Link] = []
-        #: referral id -> fingerprint of the listed content, for the page being reconciled
+        #: record id -> fingerprint of its listed content, for the page being reconciled (per side)
         self._fingerprints: dict[str, str] = {}
+        self._crm_fingerprints: dict[str, str] = {}
         #: this page's opportunities whose last write by us was read back, and what that found
         self._read_back: list[str] = []
         self._read_back_audit: list[AuditEntry] = []
@@ -237,7 +239,6 @@ class SyncEngine:
                 self._by_reference, self._more_by_reference = {}, {}
                 counts_before = Counter(report.counts)
                 self._pc_phase(full)
-                self._fingerprints = {}
                 self._crm_phase(full)
                 if self._settled:
                     report.counts["unchanged"] += len(self._settled)
@@ -282,25 +283,27 @@ class SyncEngine:
             self._failures(System.PARTNER_CENTER, page.failures)
             if full:
                 self._census(page.deals, self._seen_referrals, "referral_id")
-                self._census_listed(page.listed)
+                self._census_listed(page.listed, self._seen_referrals)
+            listed = [item for item in page.listed if item.record_id not in self._touched_referrals]
             self._reconcile_referrals(
-                [d for d in page.deals if d.referral_id not in self._touched_referrals],
-                [item for item in page.listed if item.record_id not in self._touched_referrals],
+                [d for d in page.deals if d.referral_id not in self._touched_referrals]
+                + self._read_listed(System.PARTNER_CENTER, listed)
             )
             self._commit_cursor(PC_CURSOR, page.cursor)
+        self._fingerprints = {}
 
     def _crm_phase(self, full: bool) -> None:
         report = self._need_report()
         cursor = None if full else self.store.cursor(self.name, CRM_CURSOR)
         for page in read_ahead(self.crm.changes(cursor)):
             report.full_resync |= page.full_resync
-            # the CRM adapters convert as they read; a lazy one would be read whole here
-            read, failures = page.converted() if page.listed else (page.deals, page.failures)
-            self._failures(System.CRM, failures)
+            self._failures(System.CRM, page.failures)
             if full:
-                self._census(read, self._seen_opportunities, "crm_id")
-            deals = [d for d in read if d.crm_id and d.crm_id not in self._touched_crm]
-            self._reconcile_opportunities(deals)
+                self._census(page.deals, self._seen_opportunities, "crm_id")
+                self._census_listed(page.listed, self._seen_opportunities)
+            listed = [item for item in page.listed if item.record_id not in self._touched_crm]
+            deals = [d for d in page.deals if d.crm_id and d.crm_id not in self._touched_crm]
+            self._reconcile_opportunities(deals + self._read_listed(System.CRM, listed))
             for gone in page.deleted_ids:
                 self._crm_deleted(gone)
             self._commit_cursor(CRM_CURSOR, page.cursor)
@@ -318,11 +321,11 @@ class SyncEngine:
                         deal.referral_id
                     )
 
-    def _census_listed(self, listed: Sequence[Listed]) -> None:
+    def _census_listed(self, listed: Sequence[Listed], seen: set[str]) -> None:
         """:meth:`_census` for records not converted: their ids and references are enough."""
         for item in listed:
-            self._seen_referrals.add(item.record_id)
-            if item.reference:
+            seen.add(item.record_id)
+            if seen is self._seen_referrals and item.reference:
                 first = self._by_reference.setdefault(item.reference, item.record_id)
                 if first != item.record_id:
                     self._more_by_reference.setdefault(item.reference, [first]).append(item.record_id)
@@ -337,7 +340,7 @@ class SyncEngine:
             if len(referral_ids) > 1 and crm_id not in reported:
                 detail = f"{len(referral_ids)} referrals carry this CRM id: {', '.join(sorted(referral_ids))}"
                 self._finding("duplicate", crm_id, detail)
-        for link in self.store.iter_links(self.name):
+        for link in self.store.iter_link_heads(self.name):
             if link.status == "orphaned":
                 continue
             if link.referral_id and link.referral_id not in self._seen_referrals:
@@ -378,11 +381,9 @@ class SyncEngine:
 
     # --- pairing ----------------------------------------------------------------------------------
 
-    def _reconcile_referrals(self, referrals: Sequence[Deal], listed: Sequence[Listed] = ()) -> None:
-        ids = [r.referral_id for r in referrals if r.referral_id] + [item.record_id for item in listed]
+    def _reconcile_referrals(self, referrals: Sequence[Deal]) -> None:
+        ids = [r.referral_id for r in referrals if r.referral_id]
         by_referral = self.store.links_by_referral_ids(self.name, ids) if ids else {}
-        if listed:
-            referrals = [*referrals, *self._read_listed(listed, by_referral)]
         unlinked_refs = [
             r.external_reference_id
             for r in referrals
@@ -473,21 +474,30 @@ class SyncEngine:
                 works.append(work)
         self._execute_page(works)
 
-    def _read_listed(self, listed: Sequence[Listed], links: Mapping[str, Link]) -> list[Deal]:
-        """The listed referrals not as their last sync left them, converted (a failure isolated);
-        the others are settled here without the cost of reading them."""
-        self._fingerprints = {}
+    def _read_listed(self, side: System, listed: Sequence[Listed]) -> list[Deal]:
+        """The listed records not as their last sync left them, converted (a failure isolated). The
+        others are settled on their link's head alone: neither converted nor their merge base read."""
+        if not listed:
+            return []
+        ids = [item.record_id for item in listed]
+        heads = (
+            self.store.link_heads_by_referral_ids(self.name, ids)
+            if side is System.PARTNER_CENTER
+            else self.store.link_heads_by_crm_ids(self.name, ids)
+        )
+        fingerprints = self._fingerprints if side is System.PARTNER_CENTER else self._crm_fingerprints
+        fingerprints.clear()
         out: list[Deal] = []
         for item in listed:
-            link = links.get(item.record_id)
-            if self._as_last_synced(link, System.PARTNER_CENTER, listed=item):
+            head = heads.get(item.record_id)
+            if self._listed_as_last_synced(head, side, item):
                 continue
             try:
                 deal = item.read()
             except RecordError as exc:
-                self._fail(System.PARTNER_CENTER, item.record_id, exc)
+                self._fail(side, item.record_id, exc)
                 continue
-            self._fingerprints[item.record_id] = item.fingerprint
+            fingerprints[item.record_id] = item.fingerprint
             out.append(deal)
         return out
 
@@ -591,104 +601,124 @@ class SyncEngine:
             return None
         return _Work(crm, referral, link, plan, decided, depth, read_back=read_back)
 
-    def _as_last_synced(
-        self, link: Link | None, side: System, deal: Deal | None = None, *, listed: Listed | None = None
-    ) -> bool:
-        """This side of a linked pair is as our last sync left it (the referral's eTag and content;
-        the opportunity's content against the merge base): nothing on it to reconcile, and the other
-        side, if it changed, is reached through its own listing. Reading the other side for it would
-        cost a call per record — what made a full reconciliation of 100,000 deals read every
-        opportunity twice. A referral still only listed (``listed``) is judged without converting it:
-        by its eTag and the fingerprint of the content last found in agreement with the merge base."""
+    def _quiet(self, link: Link | LinkHead | None, side: System) -> bool:
+        """A linked pair with nothing pending on it: no write of ours still to be read back, no dead
+        letter for this side, no conflict decision to apply."""
         if (
             link is None
             or not link.crm_id
             or not link.referral_id
             or link.status not in ("linked", "blocked")
+            or link.awaiting_read_back
         ):
             return False
-        if link.crm_written_fields is not None:  # our last write is still to be read back
-            return False
-        if side is System.PARTNER_CENTER:
-            # an eTag changes with every write to the referral: a true version
-            version = (
-                listed.version
-                if listed is not None
-                else (deal.version.value if deal and deal.version else None)
-            )
-            if version is None or link.pc_version is None or version != link.pc_version:
-                return False
-            if listed is not None:
-                # the content compared with the merge base when this fingerprint was noted; any
-                # edit since (even one that somehow kept its eTag) changes it
-                if link.pc_fingerprint != listed.fingerprint:
-                    return False
-            else:
-                assert deal is not None
-                if not pc_side_settled(deal, link.crm_id, link.snapshot):
-                    return False
-        else:
-            assert deal is not None
-            if not crm_side_settled(
-                deal,
-                link.referral_id,
-                link.snapshot,
-                self.crm.write_unsupported,
-                self._pc_readonly,
-            ):
-                return False
         record = (
             (System.CRM, link.crm_id) if side is System.CRM else (System.PARTNER_CENTER, link.referral_id)
         )
-        if record in self._dead or link.crm_id in self._resolutions or link.referral_id in self._resolutions:
-            return False
+        return not (
+            record in self._dead or link.crm_id in self._resolutions or link.referral_id in self._resolutions
+        )
+
+    def _count_settled(self, crm_id: str, side: System) -> None:
         if side is System.PARTNER_CENTER:
             # counted at the end of the run unless the CRM listing shows its other side changed
-            self._settled.add(link.crm_id)
-            if listed is None and deal is not None:
-                self._note_fingerprint(link, deal)
+            self._settled.add(crm_id)
         else:
-            self._settled.discard(link.crm_id)
+            self._settled.discard(crm_id)
             self._need_report().counts["unchanged"] += 1
+
+    def _listed_as_last_synced(self, head: LinkHead | None, side: System, item: Listed) -> bool:
+        """:meth:`_as_last_synced` for a record still only listed: by its fingerprint against the one
+        noted when its content was last found equal to the merge base (any edit since, even one that
+        somehow kept a referral's eTag, changes it), and for a referral its eTag too."""
+        if head is None or not self._quiet(head, side):
+            return False
+        if side is System.PARTNER_CENTER:
+            settled = (
+                item.version is not None
+                and item.version == head.pc_version
+                and item.fingerprint == head.pc_fingerprint
+            )
+        else:
+            settled = item.fingerprint == head.crm_fingerprint
+        if settled:
+            assert head.crm_id is not None
+            self._count_settled(head.crm_id, side)
+        return settled
+
+    def _as_last_synced(self, link: Link | None, side: System, deal: Deal) -> bool:
+        """This side of a linked pair is as our last sync left it (the referral's eTag and content;
+        the opportunity's content against the merge base): nothing on it to reconcile, and the other
+        side, if it changed, is reached through its own listing. Reading the other side for it would
+        cost a call per record — what made a full reconciliation of 100,000 deals read every
+        opportunity twice."""
+        if link is None or not self._quiet(link, side):
+            return False
+        assert link.crm_id is not None and link.referral_id is not None
+        if side is System.PARTNER_CENTER:
+            # an eTag changes with every write to the referral: a true version
+            if deal.version is None or link.pc_version is None or deal.version.value != link.pc_version:
+                return False
+            if not pc_side_settled(deal, link.crm_id, link.snapshot):
+                return False
+        elif not crm_side_settled(
+            deal,
+            link.referral_id,
+            link.snapshot,
+            self.crm.write_unsupported,
+            self._pc_readonly,
+        ):
+            return False
+        self._count_settled(link.crm_id, side)
+        noted = self._with_fingerprints(link, deal if side is System.CRM else None,
+                                        deal if side is System.PARTNER_CENTER else None)  # fmt: skip
+        if noted != link:
+            self._versions.append(noted)
         return True
 
-    def _note_fingerprint(self, link: Link, referral: Deal) -> None:
-        """A referral found, by content, as the merge base has it: remember the fingerprint of the
-        content it was listed with, so the next listing of it is settled without converting it."""
-        found = self._fingerprints.get(link.referral_id or "")
-        if found is None or found == link.pc_fingerprint or self._need_report().dry_run:
-            return
-        version = referral.version.value if referral.version else None
+    def _with_fingerprints(self, link: Link, crm: Deal | None, referral: Deal | None) -> Link:
+        """``link`` with the fingerprints of the listed sides found, by content, as its merge base
+        has them: the next listing of them is then settled without converting them."""
+        crm_id, referral_id = link.crm_id, link.referral_id
+        if self._need_report().dry_run or not crm_id or not referral_id:
+            return link
+        pc_found = self._fingerprints.get(referral_id) if referral is not None else None
         if (
-            version == link.pc_version
-            and link.crm_id
-            and pc_side_settled(referral, link.crm_id, link.snapshot)
+            referral is not None
+            and pc_found is not None
+            and pc_found != link.pc_fingerprint
+            and referral.version is not None
+            and referral.version.value == link.pc_version
+            and pc_side_settled(referral, crm_id, link.snapshot)
         ):
-            self._versions.append(replace(link, pc_fingerprint=found))
+            link = replace(link, pc_fingerprint=pc_found)
+        crm_found = self._crm_fingerprints.get(crm_id) if crm is not None else None
+        if (
+            crm is not None
+            and crm_found is not None
+            and crm_found != link.crm_fingerprint
+            and crm_side_settled(
+                crm, referral_id, link.snapshot, self.crm.write_unsupported, self._pc_readonly
+            )
+        ):
+            link = replace(link, crm_fingerprint=crm_found)
+        return link
 
     def _note_versions(
         self, crm: Deal | None, referral: Deal | None, link: Link | None, read_back: bool
     ) -> None:
         """A pair found in agreement whose versions moved (our own writes read back): remember the
         versions, so the next run knows this pair without reading its other side; and the listed
-        referral's fingerprint, so the next listing of it needs no conversion either."""
+        sides' fingerprints, so their next listing needs no conversion either."""
         if link is None or self._need_report().dry_run:
             return
         crm_version = crm.version.value if crm is not None and crm.version else link.crm_version
         pc_version = referral.version.value if referral is not None and referral.version else link.pc_version
         noted = replace(link, crm_version=crm_version, pc_version=pc_version)
-        found = self._fingerprints.get(link.referral_id or "")
-        if (
-            found is not None
-            and found != link.pc_fingerprint
-            and referral is not None
-            and link.crm_id
-            and pc_side_settled(referral, link.crm_id, link.snapshot)
-        ):
-            noted = replace(noted, pc_fingerprint=found)
+        if read_back:  # read back just now: the merge base is what both sides hold
+            noted = replace(noted, crm_written_hash=None, crm_written_fields=None)
+        noted = self._with_fingerprints(noted, crm, referral)
         if noted != link:
-            if read_back:  # saved whole: it must not bring back the write this run just read back
-                noted = replace(noted, crm_written_hash=None, crm_written_fields=None)
             self._versions.append(noted)
 
     def _check_read_back(self, crm: Deal | None, referral: Deal | None, link: Link | None) -> bool:

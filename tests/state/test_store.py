@@ -16,6 +16,7 @@ from connector.state import (
     Conflict,
     DeadLetter,
     Link,
+    LinkHead,
     OutboxEntry,
     OutboxState,
     RunRecord,
@@ -79,7 +80,9 @@ def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
         link = store.link_by_crm("acme", "006A")
         assert link is not None and link.snapshot == {"name": "Deal"} and link.referral_id == "r-1"
         assert link.crm_written_hash == "h" * 64 and link.crm_written_fields is None
-        assert link.pc_fingerprint is None  # 0003: noted again by the next run that finds it settled
+        assert link.pc_fingerprint is None and link.crm_fingerprint is None  # 0003: noted by the next run
+        head = store.link_heads_by_crm_ids("acme", ["006A"])["006A"]
+        assert not head.awaiting_read_back  # a row older than 0002 holds SQL NULL there
     finally:
         store.close()
 
@@ -172,6 +175,35 @@ def test_a_links_referral_fingerprint_is_kept_and_replaced_with_the_link(store: 
     assert store.links_by_referral_ids("acme", ["r-1"])["r-1"].pc_fingerprint == "f" * 32
     store.save_links([Link("acme", "006A", "r-1", pc_version="e2")])  # a new merge base: none yet
     assert store.links_by_referral_ids("acme", ["r-1"])["r-1"].pc_fingerprint is None
+
+
+def test_link_heads_say_what_settles_a_listed_record_without_the_merge_base(store: SqlStateStore) -> None:
+    store.save_links(
+        [
+            Link(
+                "acme",
+                "006A",
+                "r-1",
+                {"name": "A"},
+                pc_version="e1",
+                pc_fingerprint="p1",
+                crm_fingerprint="c1",
+            ),
+            Link(
+                "acme", "006B", "r-2", {"name": "B"}, crm_written_hash="h" * 64, crm_written_fields=("name",)
+            ),
+            Link("acme", "006C", None, status="orphaned"),
+            Link("other", "006A", "r-9"),
+        ]
+    )
+    by_crm = store.link_heads_by_crm_ids("acme", ["006A", "006B", "006C", "006Z"])
+    assert by_crm["006A"] == LinkHead("006A", "r-1", "linked", "e1", "p1", "c1", awaiting_read_back=False)
+    assert by_crm["006B"].awaiting_read_back and by_crm["006B"].pc_fingerprint is None
+    assert by_crm["006C"].status == "orphaned" and "006Z" not in by_crm
+    assert set(store.link_heads_by_referral_ids("acme", ["r-1", "r-2", "r-9"])) == {"r-1", "r-2"}
+    store.forget_crm_writes("acme", ["006B"])  # read back: stored as JSON null, not SQL NULL
+    assert not store.link_heads_by_crm_ids("acme", ["006B"])["006B"].awaiting_read_back
+    assert [h.crm_id for h in store.iter_link_heads("acme", batch=2)] == ["006A", "006B", "006C"]
 
 
 def test_one_referral_links_to_one_opportunity(store: SqlStateStore) -> None:
