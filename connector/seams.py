@@ -10,6 +10,8 @@ keyset, a delta link); the engine persists them only after the records they cove
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +31,7 @@ __all__ = [
     "RecordFailure",
     "ReferralStore",
     "WriteResult",
+    "fingerprint",
 ]
 
 
@@ -59,6 +62,12 @@ class Listed:
     reference: str | None
     #: the conversion; raises :class:`~connector.errors.RecordError` for a record it cannot read
     read: Callable[[], Deal]
+
+
+def fingerprint(record: Mapping[str, Any]) -> str:
+    """A digest of a record's whole content as a remote gave it (JSON; key order ignored)."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import email.utils
 import functools
-import hashlib
 import json
 import uuid
 from collections.abc import Iterator, Mapping
@@ -69,7 +68,7 @@ from connector.remote.http import USER_AGENT, http_client
 from connector.remote.retry import RetryPolicy
 from connector.remote.session import ApiSession
 from connector.remote.tokens import TokenProvider
-from connector.seams import ChangePage, Listed, RecordFailure, ReferralStore
+from connector.seams import ChangePage, Listed, RecordFailure, ReferralStore, fingerprint
 from connector.settings import Settings
 
 __all__ = ["PartnerCenterClient", "PartnerCenterPermissionError", "ReferralPage"]
@@ -576,12 +575,6 @@ def _older(item: Any, floor: int) -> bool:
         return isinstance(raw, str) and utc_ticks(raw) < floor
     except ValueError:
         return False  # kept: reading it reports it
-
-
-def fingerprint(item: Mapping[str, Any]) -> str:
-    """A digest of a referral's whole content as listed (key order ignored)."""
-    text = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _read(item: Any) -> Deal:
