@@ -178,6 +178,9 @@ class StageMapping:
     _reverse_cache: dict[tuple[ReverseKey, str | None], Resolution] = field(
         init=False, repr=False, compare=False
     )
+    _forward_cache: dict[tuple[str, int | None, str | None], Resolution] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Indexes built once: resolve() runs for every opportunity of every run.
@@ -187,6 +190,7 @@ class StageMapping:
             index.setdefault((_norm(rule.label), rule.record_type), []).append(rule)
         object.__setattr__(self, "_rule_index", index)
         object.__setattr__(self, "_reverse_cache", {})
+        object.__setattr__(self, "_forward_cache", {})
 
     # --- forward ----------------------------------------------------------------------------------
 
@@ -207,6 +211,16 @@ class StageMapping:
 
         Raises :class:`RecordError` (cause ``stage-unmapped``) when nothing maps it.
         """
+        # an org has a few dozen (stage, probability, record type) combinations; a book, 100,000 deals
+        key = (label, probability, record_type)
+        cached = self._forward_cache.get(key)
+        if cached is None:
+            cached = self._resolve(label, probability, record_type)
+            if len(self._forward_cache) < 10_000:  # bounded: probabilities are free numbers
+                self._forward_cache[key] = cached
+        return cached
+
+    def _resolve(self, label: str, probability: int | None, record_type: str | None) -> Resolution:
         known = self.stage(label)
         matches = self._forward_matches(label, probability, record_type, known)
         if not matches:
