@@ -218,7 +218,8 @@ def _plan_create_referral(
     if refusals:
         return PairPlan(refusals=tuple(refusals))
     base = {**snapshot_of(draft), "crm_stage": facts.stage_label, "pc_state": pc_state_key(draft).value}
-    base |= _crm_answers(crm) | {f"crm:{name}": snapshot_of(crm).get(name) for name in crm_readonly}
+    crm_values = snapshot_of(crm) if crm_readonly else {}
+    base |= _crm_answers(crm) | {f"crm:{name}": crm_values.get(name) for name in crm_readonly}
     return PairPlan(
         pc_ops=(PcOp(PcOpKind.CREATE, draft, f"opted in, no referral yet ({draft.deal_type.value})"),),
         base=base,
