@@ -12,9 +12,9 @@ Reading (:meth:`SalesforceAdapter.changes`), per run:
 
 1. Metadata from the cache (or read as above); the configured fields are checked against describe.
 2. Opportunities: one ``queryAll`` ``ORDER BY SystemModstamp, Id`` from ``watermark - lookback``
-   (``>=``), paged by ``nextRecordsUrl`` (2,000 rows). ``queryAll`` also returns soft-deleted rows
-   (recycle bin, merges) with ``IsDeleted = true``: they are reported as ``deleted_ids``, never as
-   deals (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_queryall.htm).
+   (``>=``), paged by ``nextRecordsUrl`` (2,000 records, children included: step 5). ``queryAll``
+   also returns soft-deleted rows (recycle bin, merges) with ``IsDeleted = true``: they are reported
+   as ``deleted_ids``, never as deals (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_queryall.htm).
    Each page's cursor is its last ``(SystemModstamp, Id)``; should the query locator expire, the scan
    resumes by keyset from that pair. Rows sharing a timestamp and late commits within the lookback
    are re-read, never skipped; duplicates are harmless because the engine applies idempotently.
@@ -43,10 +43,18 @@ Reading (:meth:`SalesforceAdapter.changes`), per run:
    says its delete log starts later (``earliestDateAvailable``), the run becomes a **full resync** —
    flagged on every page and logged (the incremental first page is dropped unread).
    A full load above ``bulk_threshold`` rows uses a Bulk API 2.0 query job instead of REST.
-5. Related data per page with IN queries (never one query per opportunity), chunked to stay under
-   Salesforce's 16,384-byte URI limit: Account, OpportunityContactRole + Contact,
-   OpportunityTeamMember + User (owner first), OpportunityLineItem product codes (or a configured
-   multi-select field).
+5. Related data comes in the same query, as relationship fields and subqueries
+   (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_relationships_understanding.htm):
+   ``Account.*`` and ``Owner.*`` (null when the lookup is empty or not readable), and per opportunity
+   ``(SELECT ... Contact.* FROM OpportunityContactRoles)``, ``(SELECT ... User.* FROM
+   OpportunityTeamMembers)`` and, without a configured solutions multi-select,
+   ``(SELECT Id, ProductCode FROM OpportunityLineItems)`` — no related query per page. A subquery's
+   nested result may stop at ``done: false``: its ``nextRecordsUrl`` is followed (should that child
+   locator expire, the opportunity's children are read by a query of their own). Child records count
+   toward the 2,000-row batch, so Salesforce pages hold fewer opportunities; the adapter joins them
+   back into pages of ``page_size`` rows. ``get`` and ``find_by_referral`` use the same query shape.
+   Bulk API 2.0 cannot run subqueries (crm-apis.md §A.3): a Bulk load reads related data per page with
+   IN queries (chunked under the 16,384-byte URI limit) instead.
 
 Writing (:meth:`SalesforceAdapter.write`): sObject Collections of up to 200 records with
 ``allOrNone=false``; each record's error is reported on its own :class:`~connector.seams.WriteResult`
@@ -62,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import itertools
 import json
@@ -199,7 +208,16 @@ _OPP_BASE = (
     "SystemModstamp",
     "IsDeleted",
 )
-_PERSON = ("Id", "FirstName", "LastName", "Email", "Phone", "Title")
+_PERSON_FIELDS = ("FirstName", "LastName", "Email", "Phone", "Title")
+_PERSON = ("Id", *_PERSON_FIELDS)
+#: Opportunity's child relationships the read selects -> the child object (for a re-read by query)
+_CHILD_OBJECTS: Mapping[str, str] = {
+    "OpportunityContactRoles": "OpportunityContactRole",
+    "OpportunityTeamMembers": "OpportunityTeamMember",
+    "OpportunityLineItems": "OpportunityLineItem",
+}
+_HELP_VALUES = frozenset(h.value for h in HelpType)
+_STAGE_CACHE_MAX = 4096
 _ACCOUNT = (
     "Id",
     "Name",
@@ -217,6 +235,21 @@ _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 
 def parse_sf_datetime(value: object) -> datetime:
     """A Salesforce datetime as aware UTC: REST ISO (``…+0000``, ``Z``, ``+00:00``) or Bulk epoch ms."""
+    if type(value) is str and len(value) > 19 and value[10] == "T":
+        # Fast path (three per record): Python 3.11's fromisoformat reads REST's ``.000+0000`` as is.
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is UTC:
+                return parsed
+            if parsed.tzinfo is not None:
+                return parsed.astimezone(UTC)
+    return _parse_sf_datetime(value)
+
+
+def _parse_sf_datetime(value: object) -> datetime:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return EPOCH + timedelta(milliseconds=float(value))
     if not isinstance(value, str) or not value:
@@ -297,6 +330,10 @@ class PullPage:
             cursor=self.cursor,
             full_resync=self.full_resync,
         )
+
+
+#: one record of a scan page as converted: its row, its failure, or (deleted) its id
+_Converted = OpportunityRow | RecordFailure | str
 
 
 class SalesforceApiError(CosellError):
@@ -395,6 +432,8 @@ class _Run:
 
 @dataclass
 class _Related:
+    """A page's related data, by opportunity (from its subqueries) or by id (Bulk's IN queries)."""
+
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     contact_of: dict[str, dict[str, Any]] = field(default_factory=dict)  # opp id -> contact
     team_of: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # opp id -> users
@@ -463,6 +502,9 @@ class SalesforceAdapter:
         # Metadata age is judged on this clock (tests pass the twin's); it never feeds a cursor.
         self._now = now or (lambda: datetime.now(UTC))
         self._meta: _Metadata | None = None
+        # (stage, probability, record type) -> the mapped Partner Center stage, or why none maps;
+        # emptied with every metadata read (stages and record types come with it)
+        self._stage_cache: dict[tuple[str, int | None, str | None], StandardStage | RecordError | None] = {}
         self._meta_stale = ""  # why the cached metadata must be read again at the next run ("" = fine)
         self.last_full_resync_reason = ""
 
@@ -686,6 +728,7 @@ class SalesforceAdapter:
             raise ConfigError(missing)
         stages, record_types = self._read_stages()
         self._meta_stale = ""
+        self._stage_cache = {}
         return _Metadata(
             read_at=read_at,
             opp_fields=opp_types,
@@ -791,19 +834,18 @@ class SalesforceAdapter:
         prev = Cursor.decode(cursor) if cursor else None
         self.budget.begin_run()
         run = self._run = _Run(self._metadata(run_start=True))
-        fields = self._opp_fields(run)
         if prev is None:
-            yield from self._pull_full(run, fields, "no cursor (first run)", first_run=True)
+            yield from self._pull_full(run, "no cursor (first run)", first_run=True)
             return
         lookback = self._crm.lookback
         base = [*self._opt_in, soql.ge("SystemModstamp", prev.ts - lookback)]
-        scan = self._scan(run, base, fields)
+        scan = self._scan(run, base)
         first = next(scan)  # the run's first query: its response carries the signpost
         signpost = run.capped()
         deleted, covered, reason = self._sweep(prev, signpost)
         if reason:
             scan.close()  # the incremental first page is dropped unread: a full read replaces it
-            yield from self._pull_full(run, fields, reason, first_run=False)
+            yield from self._pull_full(run, reason, first_run=False)
             return
         self.last_full_resync_reason = ""
         yield from self._pages(
@@ -845,9 +887,7 @@ class SalesforceAdapter:
         deleted = [str(d["id"]) for d in body.get("deletedRecords", [])]
         return deleted, parse_sf_datetime(body["latestDateCovered"]), ""
 
-    def _pull_full(
-        self, run: _Run, fields: tuple[str, ...], reason: str, *, first_run: bool
-    ) -> Iterator[PullPage]:
+    def _pull_full(self, run: _Run, reason: str, *, first_run: bool) -> Iterator[PullPage]:
         """Every opted-in opportunity up to the signpost (REST, or Bulk API 2.0 above ``bulk_threshold``)."""
         self.last_full_resync_reason = reason
         if first_run:
@@ -860,11 +900,11 @@ class SalesforceAdapter:
         final = Cursor(signpost, "", signpost)
         if total > self._crm.bulk_threshold:
             base = [*self._opt_in, soql.le("SystemModstamp", signpost)]
-            yield from self._pull_bulk(run, base, fields, final)
+            yield from self._pull_bulk(run, base, final)
             return
         yield from self._pages(
             run,
-            self._scan(run, list(self._opt_in), fields),
+            self._scan(run, list(self._opt_in)),
             full=True,
             deletes_so_far=signpost,
             final=final,
@@ -892,6 +932,39 @@ class SalesforceAdapter:
                 wanted.append(name)
         return tuple(dict.fromkeys(wanted))
 
+    def _account_fields(self, run: _Run) -> tuple[str, ...]:
+        fields = list(_ACCOUNT)
+        for name in ("BillingCountryCode", self.fields["account_duns"]):
+            if name and name in run.account_fields:
+                fields.append(name)
+        return tuple(fields)
+
+    def _child_queries(self) -> tuple[soql.Query, ...]:
+        """The parent-to-child subqueries of the opportunity read. ``IsDeleted`` is selected because
+        what a subquery of ``queryAll`` returns of deleted children is not documented: they are skipped."""
+        roles = soql.Query(
+            "OpportunityContactRoles",
+            ("Id", "ContactId", "Role", "IsPrimary", "IsDeleted", *(f"Contact.{f}" for f in _PERSON_FIELDS)),
+        )
+        members = soql.Query(
+            "OpportunityTeamMembers",
+            ("Id", "UserId", "TeamMemberRole", "IsDeleted", *(f"User.{f}" for f in _PERSON_FIELDS)),
+        )
+        if self.fields["solutions"]:
+            return (roles, members)
+        return (roles, members, soql.Query("OpportunityLineItems", ("Id", "ProductCode", "IsDeleted")))
+
+    def _opp_query(self, run: _Run, where: soql.Cond | None, *, order_by: tuple[str, ...] = ()) -> soql.Query:
+        """The opportunity read with its related data: ONE query (module docstring, step 5)."""
+        fields = (
+            *self._opp_fields(run),
+            *(f"Account.{f}" for f in self._account_fields(run) if f != "Id"),
+            *(f"Owner.{f}" for f in _PERSON_FIELDS),
+        )
+        return soql.Query(
+            "Opportunity", fields, where=where, order_by=order_by, children=self._child_queries()
+        )
+
     def _count(self, run: _Run, conds: Sequence[soql.Cond]) -> int:
         where = list(conds)
         if run.signpost is not None:
@@ -911,7 +984,7 @@ class SalesforceAdapter:
         return int(body.get("totalSize", 0))
 
     def _scan(
-        self, run: _Run, base: list[soql.Cond], fields: tuple[str, ...]
+        self, run: _Run, base: list[soql.Cond]
     ) -> Generator[tuple[list[dict[str, Any]], bool], None, None]:
         """The opportunity ``queryAll`` as (records, done) pages, ordered by (SystemModstamp, Id).
 
@@ -932,9 +1005,7 @@ class SalesforceAdapter:
                         soql.all_of(soql.eq("SystemModstamp", ts), soql.gt("Id", rid)),
                     )
                 )
-            query = soql.Query(
-                "Opportunity", fields, where=soql.all_of(*where), order_by=("SystemModstamp", "Id")
-            ).render()
+            query = self._opp_query(run, soql.all_of(*where), order_by=("SystemModstamp", "Id")).render()
             first_query = run.signpost is None
             if first_query:
                 self._server_date = None
@@ -968,37 +1039,55 @@ class SalesforceAdapter:
         final: Cursor,
         deleted: list[str],
     ) -> Iterator[PullPage]:
-        """Scan pages -> PullPages: live rows converted with their related data, ``IsDeleted`` rows
-        as deletes; each page's cursor its last (SystemModstamp, Id) — never past the signpost —
-        and the last page's the final cursor (with the getDeleted sweep's ids)."""
+        """Scan pages -> PullPages of ``page_size`` records (Salesforce's pages are smaller when
+        child records fill its batch): live rows converted with their related data, ``IsDeleted``
+        rows as deletes; each page's cursor its last (SystemModstamp, Id) — never past the signpost —
+        and the last page's the final cursor (with the getDeleted sweep's ids).
+
+        Each Salesforce page is converted as it arrives, so its nested related data is let go before
+        the next one is read; only the converted records wait for their PullPage."""
         signpost = run.capped()
+        size = max(1, self._page_size)
+        pending: list[tuple[tuple[object, str], _Converted]] = []
         for records, done in scan:
-            live = [r for r in records if not r.get("IsDeleted")]
-            gone = [str(r["Id"]) for r in records if r.get("IsDeleted")]
-            rows, failures = self._convert(run, live)
-            if done:
-                yield PullPage(rows, tuple(dict.fromkeys([*gone, *deleted])), failures, final.encode(), full)
-                return
-            if records:
-                last = records[-1]
-                ts, rid = parse_sf_datetime(last["SystemModstamp"]), str(last["Id"])
+            pending.extend(self._converted(run, records))
+            while len(pending) > size or (len(pending) == size and not done):
+                chunk, pending = pending[:size], pending[size:]
+                stamp, rid = chunk[-1][0]
+                ts = parse_sf_datetime(stamp)
                 at = (
                     Cursor(ts, rid, deletes_so_far)
                     if ts <= signpost
                     else Cursor(signpost, "", deletes_so_far)
                 )
-                page_cursor: str | None = at.encode()
-            else:
-                page_cursor = None
-            yield PullPage(rows, tuple(dict.fromkeys(gone)), failures, page_cursor, full)
+                yield _pull_page([c for _key, c in chunk], at.encode(), full)
+            if done:
+                yield _pull_page([c for _key, c in pending], final.encode(), full, deleted)
+                return
 
-    def _pull_bulk(
-        self, run: _Run, base: list[soql.Cond], fields: tuple[str, ...], final: Cursor
-    ) -> Iterator[PullPage]:
+    def _converted(
+        self, run: _Run, records: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[tuple[object, str], _Converted]]:
+        """Each record, in order, as its cursor key (SystemModstamp, Id) and what it became: a row,
+        a failure, or (``IsDeleted``) its id."""
+        live = [r for r in records if not r.get("IsDeleted")]
+        rel = self._nested_related(live)
+        return [
+            (
+                (rec["SystemModstamp"], str(rec["Id"])),
+                str(rec["Id"]) if rec.get("IsDeleted") else self._convert_one(run, rec, rel),
+            )
+            for rec in records
+        ]
+
+    def _pull_bulk(self, run: _Run, base: list[soql.Cond], final: Cursor) -> Iterator[PullPage]:
         """Initial load through a Bulk API 2.0 query job (https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/queries.htm).
 
         Bulk results are not in keyset order, so intermediate pages carry no cursor: only a finished
-        load moves the watermark (to the signpost)."""
+        load moves the watermark (to the signpost). Bulk API 2.0 runs no subqueries (crm-apis.md
+        §A.3), so its rows carry only the opportunity's own fields and each result page reads its
+        related data with IN queries (:meth:`_related`)."""
+        fields = self._opp_fields(run)
         query = soql.Query(
             "Opportunity", tuple(f for f in fields if f != "IsDeleted"), where=soql.all_of(*base)
         ).render()
@@ -1041,7 +1130,7 @@ class SalesforceAdapter:
                     "bulk2", partial(self._bulk_results, job_id=job_id, locator=locator)
                 )
                 records = [_typed(row, run.opp_fields) for row in csv.DictReader(io.StringIO(text))]
-                rows, failures = self._convert(run, records)
+                rows, failures = self._convert(run, records, nested=False)
                 if not locator:
                     yield PullPage(rows, (), failures, final.encode(), True)
                     return
@@ -1065,14 +1154,13 @@ class SalesforceAdapter:
         return response.content.decode("utf-8").replace("\x00", ""), "" if nxt in ("", "null") else nxt
 
     def get(self, crm_ids: Sequence[str]) -> Sequence[Deal]:
-        """Opportunities by id with related data, in bulk (IN queries)."""
+        """Opportunities by id with related data (IN by Id, chunked under the URI limit; the related
+        data comes with them, as in :meth:`pull`)."""
         run = _Run(self._metadata())
         ids = [soql.sf_id(i) for i in crm_ids]
-        fields = self._opp_fields(run)
         records: list[dict[str, Any]] = []
         for query in soql.chunk_in_values(
-            ids,
-            lambda chunk: soql.Query("Opportunity", fields, where=soql.in_("Id", chunk, ids=True)).render(),
+            ids, lambda chunk: self._opp_query(run, soql.in_("Id", chunk, ids=True)).render()
         ):
             records.extend(self._query_all(query, operation="opportunities"))
         rows, _failures = self._convert(run, records)
@@ -1086,16 +1174,82 @@ class SalesforceAdapter:
         wanted = sorted(set(referral_ids))
         if not wanted or not field:
             return {}
-        fields = self._opp_fields(run)
         records: list[dict[str, Any]] = []
         for query in soql.chunk_in_values(
-            wanted, lambda chunk: soql.Query("Opportunity", fields, where=soql.in_(field, chunk)).render()
+            wanted, lambda chunk: self._opp_query(run, soql.in_(field, chunk)).render()
         ):
             records.extend(self._query_all(query, operation="find-by-referral"))
         rows, _failures = self._convert(run, records)
         return {r.deal.referral_id: r.deal for r in rows if r.deal.referral_id}
 
     # --- related data and conversion --------------------------------------------------------------
+    def _nested_related(self, records: Sequence[Mapping[str, Any]]) -> _Related:
+        """The related data the opportunity query brought along (relationship fields, subqueries)."""
+        rel = _Related()
+        for rec in records:
+            rid = str(rec["Id"])
+            account = rec.get("Account")
+            if account:  # null: no account, or one the integration user cannot read
+                rel.accounts[str(rec.get("AccountId") or "")] = account
+            owner = rec.get("Owner")
+            if owner:
+                rel.users[str(rec.get("OwnerId") or "")] = owner
+            chosen: tuple[bool, dict[str, Any]] | None = None
+            for role in self._child_records(rec, "OpportunityContactRoles"):
+                contact = role.get("Contact")
+                if contact is None or role.get("IsDeleted"):
+                    continue  # OpportunityContactRole may name a contact the user cannot read
+                primary = bool(role.get("IsPrimary"))
+                if chosen is None or (primary and not chosen[0]):
+                    chosen = (primary, contact)
+            if chosen is not None:
+                rel.contact_of[rid] = chosen[1]
+            team = [
+                m["User"]
+                for m in self._child_records(rec, "OpportunityTeamMembers")
+                if m.get("User") and not m.get("IsDeleted")
+            ]
+            if team:
+                rel.team_of[rid] = team
+            if not self.fields["solutions"]:
+                codes = [
+                    str(item["ProductCode"])
+                    for item in self._child_records(rec, "OpportunityLineItems")
+                    if item.get("ProductCode") and not item.get("IsDeleted")
+                ]
+                if codes:
+                    rel.codes_of[rid] = codes
+        return rel
+
+    def _child_records(self, rec: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+        """One subquery's records for one opportunity: the nested result, followed through its
+        ``nextRecordsUrl`` while ``done`` is false ("you might need to use queryMore() to retrieve all
+        the records if there are many children", relationship query results doc)."""
+        result = rec.get(name)
+        if not result:
+            return []  # null: no children
+        records: list[dict[str, Any]] = result.get("records") or []
+        url = None if result.get("done", True) else result.get("nextRecordsUrl")
+        if not url:
+            return records
+        records = list(records)
+        try:
+            while url:
+                page = self._call("related", partial(_query_more, url=str(url), timeout=self._timeout))
+                records.extend(page.get("records") or [])
+                url = None if page.get("done", True) else page.get("nextRecordsUrl")
+        except SalesforceApiError as exc:
+            if exc.code != "INVALID_QUERY_LOCATOR":
+                raise _read_error(exc) from None
+            # The child locator expired: read this opportunity's children with a query of their own.
+            log.info("salesforce child query locator expired; reading the children again", relationship=name)
+            (child,) = [q for q in self._child_queries() if q.sobject == name]
+            query = soql.Query(
+                _CHILD_OBJECTS[name], child.fields, where=soql.eq("OpportunityId", soql.sf_id(rec["Id"]))
+            ).render()
+            records = self._query_all(query, operation=f"related:{_CHILD_OBJECTS[name]}")
+        return records
+
     def _in_query(
         self,
         sobject: str,
@@ -1119,18 +1273,19 @@ class SalesforceAdapter:
         return out
 
     def _related(self, run: _Run, records: Sequence[Mapping[str, Any]]) -> _Related:
+        """Related data by IN queries per page: only for Bulk API 2.0 rows, which cannot carry
+        subqueries (crm-apis.md §A.3); REST reads bring it along (:meth:`_nested_related`)."""
         rel = _Related()
         opp_ids = [str(r["Id"]) for r in records]
         if not opp_ids:
             return rel
-        account_fields = list(_ACCOUNT)
-        for name in ("BillingCountryCode", self.fields["account_duns"]):
-            if name and name in run.account_fields:
-                account_fields.append(name)
         rel.accounts = {
             a["Id"]: a
             for a in self._in_query(
-                "Account", account_fields, "Id", (str(r.get("AccountId") or "") for r in records)
+                "Account",
+                self._account_fields(run),
+                "Id",
+                (str(r.get("AccountId") or "") for r in records),
             )
         }
         roles = self._in_query(
@@ -1176,20 +1331,26 @@ class SalesforceAdapter:
         return rel
 
     def _convert(
-        self, run: _Run, records: Sequence[Mapping[str, Any]]
+        self, run: _Run, records: Sequence[Mapping[str, Any]], *, nested: bool = True
     ) -> tuple[tuple[OpportunityRow, ...], tuple[RecordFailure, ...]]:
-        rel = self._related(run, records)
-        rows: list[OpportunityRow] = []
-        failures: list[RecordFailure] = []
-        for rec in records:
-            rid = str(rec.get("Id") or "")
-            try:
-                rows.append(self._row(run, rec, rel))
-            except RecordError as exc:
-                failures.append(RecordFailure(rid, exc.cause or "invalid", str(exc)))
-            except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
-                failures.append(RecordFailure(rid, "invalid-record", f"{type(exc).__name__}: {exc}"))
-        return tuple(rows), tuple(failures)
+        """Records -> rows; their related data came nested in them (REST) or, ``nested=False``
+        (Bulk), is read with IN queries."""
+        rel = self._nested_related(records) if nested else self._related(run, records)
+        converted = [self._convert_one(run, rec, rel) for rec in records]
+        return (
+            tuple(c for c in converted if isinstance(c, OpportunityRow)),
+            tuple(c for c in converted if isinstance(c, RecordFailure)),
+        )
+
+    def _convert_one(
+        self, run: _Run, rec: Mapping[str, Any], rel: _Related
+    ) -> OpportunityRow | RecordFailure:
+        try:
+            return self._row(run, rec, rel)
+        except RecordError as exc:
+            return RecordFailure(str(rec.get("Id") or ""), exc.cause or "invalid", str(exc))
+        except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
+            return RecordFailure(str(rec.get("Id") or ""), "invalid-record", f"{type(exc).__name__}: {exc}")
 
     def _row(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> OpportunityRow:
         rid = soql.sf_id(rec["Id"])
@@ -1202,14 +1363,11 @@ class SalesforceAdapter:
             if closed
             else (Status.ACTIVE, Substatus.ACCEPTED)
         )
-        sales_stage = None
-        if self._mapping is not None:
-            target = self._mapping.resolve(stage_name, probability, record_type).target
-            sales_stage = StandardStage.WON if target.outcome is Outcome.WON else target.stage
+        sales_stage = self._sales_stage(stage_name, probability, record_type)
         amount = rec.get("Amount")
         currency = str(rec.get("CurrencyIsoCode") or self._default_currency)
         help_value = rec.get(self.fields["help_type"]) if self.fields["help_type"] else None
-        help_type = HelpType(help_value) if help_value in {h.value for h in HelpType} else None
+        help_type = HelpType(help_value) if help_value in _HELP_VALUES else None
         close = rec.get("CloseDate")
         stamp = parse_sf_datetime(rec["SystemModstamp"])
         modified = parse_sf_datetime(rec["LastModifiedDate"])
@@ -1252,6 +1410,29 @@ class SalesforceAdapter:
             ),
         )
         return OpportunityRow(deal, stage_name, probability, record_type, stamp, modified)
+
+    def _sales_stage(
+        self, stage_name: str, probability: int | None, record_type: str | None
+    ) -> StandardStage | None:
+        """The Partner Center stage the mapping gives, cached per (stage, probability, record type):
+        a page holds thousands of opportunities and a handful of distinct combinations."""
+        if self._mapping is None:
+            return None
+        key = (stage_name, probability, record_type)
+        if key in self._stage_cache:
+            cached = self._stage_cache[key]
+        else:
+            try:
+                target = self._mapping.resolve(stage_name, probability, record_type).target
+                cached = StandardStage.WON if target.outcome is Outcome.WON else target.stage
+            except RecordError as exc:
+                cached = exc  # unmapped: every record with this stage fails the same way
+            if len(self._stage_cache) >= _STAGE_CACHE_MAX:
+                self._stage_cache.clear()
+            self._stage_cache[key] = cached
+        if isinstance(cached, RecordError):
+            raise RecordError(str(cached), record_id=cached.record_id, cause=cached.cause)
+        return cached
 
     def _customer(self, account: Mapping[str, Any] | None) -> Customer | None:
         if account is None:
@@ -1500,6 +1681,19 @@ class SalesforceAdapter:
 # --- helpers -----------------------------------------------------------------------------------------
 
 
+def _pull_page(
+    converted: Sequence[_Converted], cursor: str, full: bool, deleted: Sequence[str] = ()
+) -> PullPage:
+    gone = [c for c in converted if isinstance(c, str)]
+    return PullPage(
+        tuple(c for c in converted if isinstance(c, OpportunityRow)),
+        tuple(dict.fromkeys([*gone, *deleted])),
+        tuple(c for c in converted if isinstance(c, RecordFailure)),
+        cursor,
+        full,
+    )
+
+
 def _collection_call(sf: Salesforce, *, method: str, records: list[dict[str, Any]], timeout: float) -> Any:
     # allOrNone=false: one bad record must not sink the other 199 (collections doc above).
     body = {"allOrNone": False, "records": records}
@@ -1575,13 +1769,20 @@ def _read_error(exc: SalesforceApiError) -> CosellError:
 def _person(row: Mapping[str, Any] | None) -> Contact | None:
     if row is None:
         return None
-    return Contact(
-        first_name=str(row.get("FirstName") or ""),
-        last_name=str(row.get("LastName") or ""),
-        email=str(row.get("Email") or ""),
-        phone=str(row.get("Phone") or ""),
-        title=str(row.get("Title") or ""),
+    return _contact(
+        str(row.get("FirstName") or ""),
+        str(row.get("LastName") or ""),
+        str(row.get("Email") or ""),
+        str(row.get("Phone") or ""),
+        str(row.get("Title") or ""),
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _contact(first_name: str, last_name: str, email: str, phone: str, title: str) -> Contact:
+    # Contact is frozen, so one instance serves every opportunity the same person appears on (the
+    # owner and team of thousands of deals are a few dozen users); building one checks its email.
+    return Contact(first_name=first_name, last_name=last_name, email=email, phone=phone, title=title)
 
 
 def _text_or_none(value: object) -> str | None:

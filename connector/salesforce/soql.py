@@ -6,6 +6,7 @@ Every piece that reaches a query string goes through one of three gates:
   case of the first fifteen (the checksum is verified, so a typo or a forged id is refused);
 - :func:`field_name` / :func:`sobject_name` — API names against a strict pattern (letters, digits,
   single underscores, an optional namespace and ``__c``-style suffix), never a reserved word;
+  :func:`field_path` — a child-to-parent relationship path (``Account.Name``), each part a name;
 - :func:`literal` — values quoted and escaped with simple-salesforce's ``quote_soql_value``, which
   follows Salesforce's "Quoted String Escape Sequences"
   (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_select_quotedstringescapes.htm).
@@ -37,6 +38,7 @@ __all__ = [
     "chunk_in_values",
     "eq",
     "field_name",
+    "field_path",
     "ge",
     "gt",
     "in_",
@@ -99,6 +101,23 @@ def field_name(name: object) -> str:
 
 
 sobject_name = field_name
+
+#: SOQL follows at most five child-to-parent relationships in one path
+#: (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_relationships_query_limits.htm).
+_MAX_PARENT_HOPS = 5
+
+
+def field_path(path: object) -> str:
+    """``path`` if it is a field name or a relationship path to a parent's field (``Account.Name``,
+    ``Owner.Email``), each part a valid API name; else :class:`ValueError`."""
+    if not isinstance(path, str):
+        raise ValueError(f"{path!r} is not a valid Salesforce field path")
+    parts = path.split(".")
+    if len(parts) > _MAX_PARENT_HOPS + 1:
+        raise ValueError(f"{path!r} follows more than {_MAX_PARENT_HOPS} relationships")
+    for part in parts:
+        field_name(part)
+    return path
 
 
 def literal(value: object) -> str:
@@ -231,7 +250,14 @@ def trusted_filter(text: str) -> Cond:
 
 @dataclass(frozen=True)
 class Query:
-    """``SELECT fields FROM sobject [WHERE ...] [ORDER BY ...] [LIMIT n]`` with validated names."""
+    """``SELECT fields [, (subquery) ...] FROM sobject [WHERE ...] [ORDER BY ...] [LIMIT n]`` with
+    validated names.
+
+    ``fields`` may be relationship paths to parent fields (``Account.Name``). ``children`` are
+    parent-to-child subqueries: each a :class:`Query` whose ``sobject`` is the child relationship's
+    name (``OpportunityContactRoles``), rendered in the SELECT list as ``(SELECT ... FROM name)``
+    (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_relationships_understanding.htm).
+    Subqueries do not nest here."""
 
     sobject: str
     fields: tuple[str, ...]
@@ -239,16 +265,24 @@ class Query:
     order_by: tuple[str, ...] = ()
     limit: int | None = None
     count: bool = False
+    children: tuple[Query, ...] = ()
 
     def render(self) -> str:
         obj = sobject_name(self.sobject)
         if self.count:
+            if self.children:
+                raise ValueError("COUNT() takes no subqueries")
             select = "COUNT()"
         else:
             if not self.fields:
                 raise ValueError("a query needs at least one field")
-            select = ", ".join(field_name(f) for f in dict.fromkeys(self.fields))
-        # every piece below passed field_name/sobject_name/literal: nothing arrives unchecked
+            items = [field_path(f) for f in dict.fromkeys(self.fields)]
+            for child in self.children:
+                if child.children or child.count:
+                    raise ValueError("a subquery cannot nest subqueries or count")
+                items.append(f"({child.render()})")
+            select = ", ".join(items)
+        # every piece below passed field_path/sobject_name/literal: nothing arrives unchecked
         soql = f"SELECT {select} FROM {obj}"  # noqa: S608
         if self.where is not None:
             soql += f" WHERE {self.where.text}"
@@ -268,6 +302,7 @@ class Query:
 #: https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_rest_resources.htm
 #: and salesforce.stackexchange.com/q/195449); we keep well below it for the path and headers.
 MAX_ENCODED_QUERY = 12_000
+_QUOTES = len(quote_plus("''"))  # the two quotes around a string literal, encoded: %27%27
 
 
 def chunk_in_values(
@@ -292,7 +327,13 @@ def chunk_in_values(
             raise ValueError("a single value makes the query too long")
         size = 1
         while start + size < n:
-            cost = separator + len(quote_plus(literal(values[start + size])))
+            value = values[start + size]
+            # Ids and most keys are plain letters and digits: their encoded literal is the value
+            # between two encoded quotes (%27), so quote_plus (most of this loop's time) is skipped.
+            if value.isalnum() and value.isascii():
+                cost = separator + len(value) + _QUOTES
+            else:
+                cost = separator + len(quote_plus(literal(value)))
             if total + cost > limit:
                 break
             total, size = total + cost, size + 1

@@ -7,7 +7,18 @@ Served under ``/services``:
   form) and username-password; OAuth errors as ``{"error", "error_description"}``.
 - ``data/vXX.X/query`` and ``queryAll`` — the SOQL subset of :mod:`.twin_soql`, 2,000 rows per page
   (``Sforce-Query-Options: batchSize=`` honoured, 200..2000), relative ``nextRecordsUrl``; URIs over
-  16,384 bytes answer 414 like Salesforce.
+  16,384 bytes answer 414 like Salesforce. Relationship queries over :data:`RELATIONSHIPS`: a parent
+  lookup (``Account.Name``) renders as a nested record with ``attributes`` (type, url), or ``null``
+  when the lookup is empty or its record gone; a subquery (``(SELECT ... FROM OpportunityContactRoles)``)
+  as a nested query result ``{"totalSize", "done", "records"}``, or ``null`` without children
+  (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_relationships_query_results.htm).
+  A parent with more than :attr:`SalesforceTwin.child_batch_size` children (default 200; Salesforce
+  does not document its threshold) gets the first ones with ``done: false`` and a ``nextRecordsUrl``
+  that ``query/<locator>-<offset>`` serves like a top-level locator. Child records count toward the
+  batch size, as the Query Options header documents ("Child objects count toward the number of
+  records for the batch size"): a page of a query with subqueries holds fewer parents (at least one).
+  Under ``queryAll`` a subquery also returns its deleted children (Salesforce does not document
+  this case; the twin takes the reading a client must survive).
 - ``sobjects/{obj}/describe``, ``sobjects/{obj}/{id}`` (GET/PATCH with ``If-Unmodified-Since`` -> 412,
   DELETE), ``sobjects/{obj}`` (POST), ``sobjects/Opportunity/updated|deleted`` with their 30/15-day
   windows on the twin clock and ``earliestDateAvailable``.
@@ -15,7 +26,8 @@ Served under ``/services``:
   ``statusCode``: restricted picklists, required fields, validation rules, injected UNABLE_TO_LOCK_ROW.
 - ``ui-api/object-info/{obj}/picklist-values/{recordTypeId}/{field}``.
 - ``jobs/query`` — Bulk API 2.0 query jobs, CSV results paged by ``Sforce-Locator``; datetimes as
-  epoch milliseconds (what crm-apis.md §A.3 says Bulk returns; the adapter accepts ISO too).
+  epoch milliseconds (what crm-apis.md §A.3 says Bulk returns; the adapter accepts ISO too). Parent
+  fields (``Account.Name``) are CSV columns; subqueries are refused (crm-apis.md §A.3).
 - ``limits`` and ``Sforce-Limit-Info: api-usage=n/max`` on every data response; once the daily
   allocation is spent, 403 ``REQUEST_LIMIT_EXCEEDED``. Expired or unknown sessions: 401
   ``[{"errorCode": "INVALID_SESSION_ID", ...}]``. Error bodies are JSON arrays (crm-apis.md §A.6).
@@ -50,9 +62,27 @@ import jwt
 
 from connector.remote.twin import Clock, Twin, TwinCA, TwinRequest, TwinResponse
 from connector.salesforce.soql import id_checksum
-from connector.salesforce.twin_soql import Bound, FieldDef, ParsedQuery, SoqlError, parse, sort_key
+from connector.salesforce.twin_soql import (
+    Bound,
+    Children,
+    FieldDef,
+    Parent,
+    ParsedQuery,
+    Relationship,
+    Select,
+    SoqlError,
+    parse,
+    sort_key,
+)
 
-__all__ = ["MASTER_RECORD_TYPE", "STANDARD_STAGES", "SalesforceTwin", "SeedSummary", "seed"]
+__all__ = [
+    "MASTER_RECORD_TYPE",
+    "RELATIONSHIPS",
+    "STANDARD_STAGES",
+    "SalesforceTwin",
+    "SeedSummary",
+    "seed",
+]
 
 MASTER_RECORD_TYPE = "012000000000000AAA"
 MAX_URI = 16_384  # documented since API 49.0; salesforce.stackexchange.com/q/195449
@@ -262,6 +292,37 @@ def _schema(multi_currency: bool, country_picklists: bool) -> dict[str, dict[str
     return {obj: {fd.name: fd for fd in fields} for obj, fields in schema.items()}
 
 
+def _relationships() -> dict[str, dict[str, Relationship]]:
+    parents = (  # (object, relationship, reference field, parent object)
+        ("Opportunity", "Account", "AccountId", "Account"),
+        ("Opportunity", "Owner", "OwnerId", "User"),
+        ("Contact", "Account", "AccountId", "Account"),
+        ("OpportunityContactRole", "Opportunity", "OpportunityId", "Opportunity"),
+        ("OpportunityContactRole", "Contact", "ContactId", "Contact"),
+        ("OpportunityTeamMember", "Opportunity", "OpportunityId", "Opportunity"),
+        ("OpportunityTeamMember", "User", "UserId", "User"),
+        ("OpportunityLineItem", "Opportunity", "OpportunityId", "Opportunity"),
+        ("OpportunityLineItem", "Product2", "Product2Id", "Product2"),
+    )
+    children = (  # (object, child relationship, child object, the child's reference field)
+        ("Opportunity", "OpportunityContactRoles", "OpportunityContactRole", "OpportunityId"),
+        ("Opportunity", "OpportunityTeamMembers", "OpportunityTeamMember", "OpportunityId"),
+        ("Opportunity", "OpportunityLineItems", "OpportunityLineItem", "OpportunityId"),
+    )
+    out: dict[str, dict[str, Relationship]] = {}
+    for obj, name, ref, target in parents:
+        out.setdefault(obj, {})[name] = Relationship(name, "parent", ref, target)
+    for obj, name, target, ref in children:
+        out.setdefault(obj, {})[name] = Relationship(name, "child", ref, target)
+    return out
+
+
+#: The relationships SOQL may follow in the twin, per object: the lookups of its schema (names as in
+#: Salesforce's describe, e.g. Opportunity.Owner -> User) and Opportunity's documented child
+#: relationships (OpportunityContactRoles, OpportunityTeamMembers, OpportunityLineItems).
+RELATIONSHIPS: Mapping[str, Mapping[str, Relationship]] = _relationships()
+
+
 def sf_datetime(value: datetime) -> str:
     """REST's datetime format: ``2024-05-01T12:30:15.000+0000``."""
     value = value.astimezone(UTC)
@@ -310,6 +371,8 @@ class _Locator:
     rows: list[dict[str, Any]]
     sobject: str
     include_deleted: bool
+    # per row, the records it counts for in a batch (itself and its inline child records); None: 1 each
+    weights: list[int] | None = None
 
 
 @dataclass
@@ -344,7 +407,9 @@ class SeedSummary:
 #   string fields (the referral id ``find_by_referral`` looks up, an external id in a real org): a hash
 #   index comparison key -> row ids (the key folds case for text, as SOQL's comparison does);
 # - ``SystemModstamp`` ranges: the same hash index plus its distinct stamps kept sorted, so a range
-#   is a bisect (stamps are truncated to the second: many rows share one).
+#   is a bisect (stamps are truncated to the second: many rows share one);
+# - subqueries: a parent's children come from the hash index on the child's reference field
+#   (``OpportunityId``), put back in table order (``SalesforceTwin._children_of``).
 #
 # An index only narrows the rows looked at: the whole WHERE still runs on them, and they are put back
 # in table order before ORDER BY (whose sort is stable), so a query returns exactly what a scan would.
@@ -510,8 +575,12 @@ class SalesforceTwin(Twin):
         multi_currency: bool = True,
         country_picklists: bool = False,
         bulk_polls_in_progress: int = 1,
+        child_batch_size: int = 200,
     ) -> None:
         super().__init__(ca, clock=clock)
+        #: children a subquery returns inline per parent; more get done=false and a nextRecordsUrl.
+        #: Salesforce does not document its threshold: tests set it low to make child paging happen.
+        self.child_batch_size = child_batch_size
         self.client_id = client_id
         self.client_secret = client_secret
         self.users: dict[str, str] = dict(users or {"integration@example.com": "twin-password"})
@@ -883,6 +952,92 @@ class SalesforceTwin(Twin):
             out[name] = _json_value(schema[name], row.get(name))
         return out
 
+    def _children_of(self, rel: Relationship) -> Callable[[str], list[dict[str, Any]]]:
+        """A parent id -> its ``rel`` child rows in table order (deleted ones included), from the
+        index on the child's reference field: what a scan of the child table would return."""
+        table = self.tables[rel.target]
+        index = self._index(rel.target)
+        buckets = index.field(self.schema[rel.target][rel.field]).buckets
+        position = index.position
+
+        def children(parent_id: str) -> list[dict[str, Any]]:
+            bucket = buckets.get(parent_id)  # a reference field's comparison key is its value
+            if bucket is None:
+                return []
+            if isinstance(bucket, str):
+                return [table[bucket]]
+            return [table[rid] for rid in sorted(bucket, key=position.__getitem__)]
+
+        return children
+
+    def _renderer(
+        self, sobject: str, select: Select, version: str, kind: str, include_deleted: bool
+    ) -> Callable[[Mapping[str, Any]], tuple[dict[str, Any], int]]:
+        """Renders one ``sobject`` row as ``select`` asks: the record and the records it counts for
+        in a batch (itself plus its inline children)."""
+        prefix = f"/services/data/{version}/sobjects/{sobject}/"
+        steps: list[tuple[str, int, Any]] = []
+        for key, item in select.items():
+            if isinstance(item, FieldDef):
+                # values of other types go out as stored; datetimes and dates are formatted
+                steps.append((key, 3 if item.type in ("datetime", "date") else 0, item))
+            elif isinstance(item, Parent):
+                rel = item.relationship
+                render = self._renderer(rel.target, item.select, version, kind, include_deleted)
+                # one rendering per parent per query: many deals share an account, an owner
+                steps.append((key, 1, (rel.field, self.tables[rel.target], render, {})))
+            else:
+                assert isinstance(item, Children)
+                rel = item.relationship
+                render = self._renderer(rel.target, item.select, version, kind, include_deleted)
+                steps.append((key, 2, (self._children_of(rel), rel.target, render)))
+
+        def render_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+            out: dict[str, Any] = {"attributes": {"type": sobject, "url": prefix + row["Id"]}}
+            weight = 1
+            for key, step, arg in steps:
+                if step == 0:
+                    out[key] = row.get(key)
+                elif step == 3:
+                    out[key] = _json_value(arg, row.get(key))
+                elif step == 1:
+                    ref, parents, render, rendered = arg
+                    parent_id = row.get(ref) or ""
+                    if parent_id not in rendered:
+                        parent = parents.get(parent_id)
+                        # an empty lookup, or one whose record is gone or in the recycle bin: null
+                        gone = parent is None or parent.get("IsDeleted")
+                        rendered[parent_id] = None if gone else render(parent)[0]
+                    out[key] = rendered[parent_id]
+                else:
+                    children_of, child_sobject, render = arg
+                    rows = [r for r in children_of(row["Id"]) if include_deleted or not r.get("IsDeleted")]
+                    out[key] = self._nested(child_sobject, [render(r)[0] for r in rows], version, kind)
+                    if rows:
+                        weight += len(out[key]["records"])
+            return out, weight
+
+        return render_row
+
+    def _nested(
+        self, sobject: str, records: list[dict[str, Any]], version: str, kind: str
+    ) -> dict[str, Any] | None:
+        """A subquery's result for one parent: null without children, else a query result whose
+        first ``child_batch_size`` records are inline and the rest behind its own locator."""
+        if not records:
+            return None
+        limit = max(1, self.child_batch_size)
+        if len(records) <= limit:
+            return {"totalSize": len(records), "done": True, "records": records}
+        locator_id = "01g" + uuid.uuid4().hex[:15]
+        self._locators[locator_id] = _Locator(records, sobject, kind == "queryAll")
+        return {
+            "totalSize": len(records),
+            "done": False,
+            "records": records[:limit],
+            "nextRecordsUrl": f"/services/data/{version}/{kind}/{locator_id}-{limit}",
+        }
+
     def _query(self, request: TwinRequest, version: str, rest: list[str]) -> TwinResponse:
         include_deleted = rest[0] == "queryAll"
         batch = 2000
@@ -900,27 +1055,42 @@ class SalesforceTwin(Twin):
         if not soql:
             return _error(400, "MALFORMED_QUERY", "missing q")
         with self._data_lock:
-            parsed = parse(soql, self.schema)
+            parsed = parse(soql, self.schema, RELATIONSHIPS)
             rows = self._rows(parsed, include_deleted)
             if parsed.fields is None:
                 return TwinResponse(200, {"totalSize": len(rows), "done": True, "records": []})
-            rendered = [self._render(parsed.sobject, version, parsed.fields, r) for r in rows]
+            weights: list[int] | None = None
+            if parsed.plain:
+                rendered = [self._render(parsed.sobject, version, parsed.fields, r) for r in rows]
+            else:
+                render = self._renderer(parsed.sobject, parsed.select, version, rest[0], include_deleted)
+                pairs = [render(r) for r in rows]
+                rendered = [record for record, _weight in pairs]
+                if parsed.has_subqueries:
+                    weights = [weight for _record, weight in pairs]
             locator_id = "01g" + uuid.uuid4().hex[:15]
-            locator = _Locator(rendered, parsed.sobject, include_deleted)
+            locator = _Locator(rendered, parsed.sobject, include_deleted, weights)
             self._locators[locator_id] = locator
         return self._page(locator, locator_id, 0, batch, version, rest[0])
 
     def _page(
         self, locator: _Locator, locator_id: str, offset: int, batch: int, version: str, kind: str
     ) -> TwinResponse:
-        rows = locator.rows[offset : offset + batch]
+        end = min(offset + batch, len(locator.rows))
+        if locator.weights is not None:
+            # child records count toward the batch size (the Query Options header's documentation)
+            end, used = offset, 0
+            while end < len(locator.rows) and (end == offset or used + locator.weights[end] <= batch):
+                used += locator.weights[end]
+                end += 1
+        rows = locator.rows[offset:end]
         body: dict[str, Any] = {
             "totalSize": len(locator.rows),
-            "done": offset + batch >= len(locator.rows),
+            "done": end >= len(locator.rows),
             "records": rows,
         }
         if not body["done"]:
-            body["nextRecordsUrl"] = f"/services/data/{version}/{kind}/{locator_id}-{offset + batch}"
+            body["nextRecordsUrl"] = f"/services/data/{version}/{kind}/{locator_id}-{end}"
         return TwinResponse(200, body)
 
     # --- sobjects ---------------------------------------------------------------------------------
@@ -1280,10 +1450,17 @@ class SalesforceTwin(Twin):
                 return _error(400, "INVALIDJOB", "operation must be query or queryAll")
             soql = str(body.get("query") or "")
             with self._data_lock:
-                parsed = parse(soql, self.schema)
+                parsed = parse(soql, self.schema, RELATIONSHIPS)
                 if parsed.fields is None:
                     return _error(400, "INVALIDJOB", "Aggregate queries are not supported by Bulk API 2.0")
-                rows = [dict(r) for r in self._rows(parsed, operation == "queryAll")]
+                if parsed.has_subqueries:
+                    return _error(
+                        400, "INVALIDJOB", "Bulk API 2.0 does not support parent-to-child subqueries"
+                    )
+                rows = [
+                    self._flat(parsed.sobject, r, parsed.fields)
+                    for r in self._rows(parsed, operation == "queryAll")
+                ]
                 job = _BulkJob(
                     "750Tw" + uuid.uuid4().hex[:10].upper(),
                     operation,
@@ -1309,12 +1486,12 @@ class SalesforceTwin(Twin):
             max_records = int(request.arg("maxRecords") or 50_000)
             offset = int(request.arg("locator") or 0)
             chunk = job.rows[offset : offset + max_records]
-            schema = self.schema[job.sobject]
+            defs = [self._field_def(job.sobject, f) for f in job.fields]
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(job.fields)
             for row in chunk:
-                writer.writerow([_csv_value(schema[f], row.get(f)) for f in job.fields])
+                writer.writerow([_csv_value(fd, row.get(f)) for fd, f in zip(defs, job.fields, strict=True)])
             nxt = offset + max_records
             return TwinResponse(
                 200,
@@ -1326,6 +1503,27 @@ class SalesforceTwin(Twin):
                 },
             )
         return _error(404, "NOT_FOUND", "The requested resource does not exist")
+
+    def _field_def(self, sobject: str, path: str) -> FieldDef:
+        """The definition of a canonical column path (``Name``, ``Account.Name``)."""
+        *hops, name = path.split(".")
+        for hop in hops:
+            sobject = RELATIONSHIPS[sobject][hop].target
+        return self.schema[sobject][name]
+
+    def _flat(self, sobject: str, row: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
+        """A row's values for Bulk's CSV columns, parent fields followed through their lookups
+        (an empty lookup, or one whose record is gone, gives an empty column)."""
+        out: dict[str, Any] = {}
+        for path in paths:
+            *hops, name = path.split(".")
+            obj, current = sobject, row
+            for hop in hops:
+                rel = RELATIONSHIPS[obj][hop]
+                obj, parent = rel.target, self.tables[rel.target].get(current.get(rel.field) or "")
+                current = {} if parent is None or parent.get("IsDeleted") else parent
+            out[path] = current.get(name)
+        return out
 
     @staticmethod
     def _job_info(job: _BulkJob, state: str, version: str) -> dict[str, Any]:

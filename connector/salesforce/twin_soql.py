@@ -2,15 +2,28 @@
 
 Grammar (case-insensitive keywords)::
 
-    query   := SELECT (COUNT() | field {, field}) FROM object [WHERE cond]
+    query   := SELECT (COUNT() | item {, item}) FROM object [WHERE cond]
                [ORDER BY field [ASC|DESC] [NULLS FIRST|LAST] {, ...}] [LIMIT int]
+    item    := path | '(' SELECT path {, path} FROM childRelationship ')'
+    path    := {parentRelationship '.'} field          -- e.g. Name, Account.Name, Owner.Email
     cond    := and {OR and}          -- AND and OR may not be mixed at one level without parentheses
     and     := unary {AND unary}
     unary   := NOT unary | '(' cond ')' | field op value | field [NOT] IN '(' value {, value} ')'
     op      := = | != | <> | < | <= | > | >=
     value   := 'string' | number | true | false | null | 2024-05-01 | 2024-05-01T12:00:00Z / +hh:mm
 
-Anything else — unknown escapes, stray characters, ``;``, comments, sub-queries, functions — is a
+Relationship queries
+(https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_relationships_understanding.htm)
+follow the :class:`Relationship` table given to :func:`parse`: a dotted ``path`` walks child-to-parent
+lookups (``Account.Name`` on Opportunity; up to five hops), a subquery names a parent-to-child
+relationship of the FROM object (``OpportunityContactRoles``) and selects paths of the child
+object. As Salesforce words it, an unknown lookup in a path is ``INVALID_FIELD`` ("Didn't understand
+relationship 'X' in field path"), an unknown child relationship ``INVALID_TYPE`` ("Didn't understand
+relationship 'X' in FROM part of query call"), an unknown field of a parent or child ``INVALID_FIELD``.
+Beyond the twin's subset (``MALFORMED_QUERY``, though Salesforce takes them): WHERE, ORDER BY or
+LIMIT inside a subquery, subqueries inside subqueries, relationship paths in WHERE and ORDER BY.
+
+Anything else — unknown escapes, stray characters, ``;``, comments, semi-joins, functions — is a
 ``MALFORMED_QUERY``; unknown objects are ``INVALID_TYPE`` and unknown fields ``INVALID_FIELD``, and a
 literal of the wrong type for its field is refused as Salesforce does ("value of filter criterion
 for field ... must be of type dateTime and should not be enclosed in quotes").
@@ -23,9 +36,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-__all__ = ["Bound", "FieldDef", "ParsedQuery", "SoqlError", "parse"]
+__all__ = [
+    "Bound",
+    "Children",
+    "FieldDef",
+    "Parent",
+    "ParsedQuery",
+    "Relationship",
+    "Select",
+    "SoqlError",
+    "parse",
+]
 
 Row = Mapping[str, Any]
 Pred = Callable[[Row], bool]
@@ -66,7 +89,7 @@ _TOKEN = re.compile(
   | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:\d{2}))
   | (?P<date>\d{4}-\d{2}-\d{2}(?![\dT:]))
   | (?P<number>-?\d+(?:\.\d+)?(?![\w.]))
-  | (?P<ident>[A-Za-z][A-Za-z0-9_]*)
+  | (?P<ident>[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)*)
   | (?P<op><=|>=|!=|<>|=|<|>)
   | (?P<punct>[(),])
   | (?P<quote>')
@@ -76,6 +99,7 @@ _TOKEN = re.compile(
 # A string literal without escapes, matched in one step (IN lists carry hundreds of ids); anything
 # else — escapes, an unterminated quote — goes through the character loop and its errors.
 _PLAIN_STRING = re.compile(r"'([^'\\]*)'")
+_MAX_HOPS = 5  # child-to-parent relationships one path may follow
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", '"': '"', "'": "'", "\\": "\\"}
 
 
@@ -166,21 +190,81 @@ class _Cond:
     bounds: tuple[Bound, ...] = ()
 
 
+@dataclass(frozen=True)
+class Relationship:
+    """A relationship SOQL may follow from an object. ``kind`` "parent": a lookup named ``name``
+    (``Account``) through the object's reference ``field`` (``AccountId``) to ``target``; ``kind``
+    "child": a child relationship named ``name`` (``OpportunityContactRoles``) to the ``target`` rows
+    whose reference ``field`` (``OpportunityId``) holds the object's Id."""
+
+    name: str
+    kind: str  # "parent" | "child"
+    field: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A parent lookup in a SELECT list and what is selected of it."""
+
+    relationship: Relationship
+    select: Select
+
+
+@dataclass(frozen=True)
+class Children:
+    """A parent-to-child subquery in a SELECT list and what it selects of each child."""
+
+    relationship: Relationship
+    select: Select
+
+
+#: A SELECT list as it renders: output key (field, lookup or child relationship name, canonical case)
+#: -> what goes there, in the order the query first names it.
+Select = Mapping[str, FieldDef | Parent | Children]
+
+
 @dataclass
 class ParsedQuery:
     sobject: str
-    fields: list[str] | None  # None = COUNT()
+    fields: list[str] | None  # None = COUNT(); else the selected column paths (Name, Account.Name)
     where: Pred | None
     order: list[tuple[str, bool, bool]] = field(default_factory=list)  # (field, ascending, nulls_first)
     limit: int | None = None
     bounds: tuple[Bound, ...] = ()  # index hints from the WHERE (see Bound)
+    select: Select = field(default_factory=dict)  # the SELECT list as a tree (see Select)
+
+    @property
+    def has_subqueries(self) -> bool:
+        return any(isinstance(item, Children) for item in self.select.values())
+
+    @property
+    def plain(self) -> bool:
+        """Only the object's own fields are selected (no relationship)."""
+        return all(isinstance(item, FieldDef) for item in self.select.values())
+
+
+@dataclass
+class _RawSub:
+    """A subquery as written, resolved once the outer FROM is known."""
+
+    fields: list[Tok]
+    relationship: Tok
 
 
 class _Parser:
-    def __init__(self, text: str, schema: Mapping[str, Mapping[str, FieldDef]]) -> None:
+    def __init__(
+        self,
+        text: str,
+        schema: Mapping[str, Mapping[str, FieldDef]],
+        relationships: Mapping[str, Mapping[str, Relationship]],
+    ) -> None:
         self.toks = _tokens(text)
         self.i = 0
         self.schema = schema
+        self.relationships = {
+            obj: {name.lower(): rel for name, rel in rels.items()} for obj, rels in relationships.items()
+        }
         self.fields: Mapping[str, FieldDef] = {}
         self.sobject = ""
 
@@ -212,6 +296,11 @@ class _Parser:
     def field(self, tok: Tok) -> FieldDef:
         if tok.kind != "ident":
             raise SoqlError("MALFORMED_QUERY", f"expected a field name at position {tok.pos}")
+        if "." in tok.value:
+            raise SoqlError(
+                "MALFORMED_QUERY",
+                f"relationship path '{tok.value}' outside the SELECT list: beyond the twin's SOQL subset",
+            )
         fd = self.fields.get(tok.value.lower())
         if fd is None:
             raise SoqlError("INVALID_FIELD", f"No such column '{tok.value}' on entity '{self.sobject}'.")
@@ -220,28 +309,38 @@ class _Parser:
     # --- grammar ---------------------------------------------------------------------------------
     def parse(self) -> ParsedQuery:
         self.expect_kw("SELECT")
-        raw_fields: list[Tok] = []
+        raw_fields: list[Tok | _RawSub] = []
         count = False
-        first = self.take()
-        if first.kind == "ident" and first.value.upper() == "COUNT":
+        first = self.peek()
+        if first is not None and first.kind == "ident" and first.value.upper() == "COUNT":
+            self.take()
             self.expect_punct("(")
             self.expect_punct(")")
             count = True
         else:
-            raw_fields.append(first)
-            while self.peek() is not None and self.peek().kind == "punct" and self.peek().value == ",":  # type: ignore[union-attr]
+            raw_fields.append(self.item())
+            while self.is_punct(","):
                 self.take()
-                raw_fields.append(self.take())
+                raw_fields.append(self.item())
         self.expect_kw("FROM")
         obj = self.take()
-        if obj.kind != "ident":
+        if obj.kind != "ident" or "." in obj.value:
             raise SoqlError("MALFORMED_QUERY", f"expected an object name at position {obj.pos}")
         match = {k.lower(): k for k in self.schema}.get(obj.value.lower())
         if match is None:
             raise SoqlError("INVALID_TYPE", f"sObject type '{obj.value}' is not supported.")
         self.sobject = match
         self.fields = {k.lower(): v for k, v in self.schema[match].items()}
-        fields = None if count else [self.field(t).name for t in raw_fields]
+        select: dict[str, FieldDef | Parent | Children] = {}
+        fields: list[str] | None = None
+        if not count:
+            fields = []
+            for raw in raw_fields:
+                if isinstance(raw, _RawSub):
+                    self.subquery(select, raw)
+                else:
+                    fields.append(self.path(select, match, raw))
+            fields = list(dict.fromkeys(fields))
         where: _Cond | None = None
         if self.is_kw("WHERE"):
             self.take()
@@ -281,8 +380,90 @@ class _Parser:
         if rest is not None:
             raise SoqlError("MALFORMED_QUERY", f"unexpected token at position {rest.pos}: {rest.value!r}")
         if where is None:
-            return ParsedQuery(match, fields, None, order, limit)
-        return ParsedQuery(match, fields, where.test, order, limit, where.bounds)
+            return ParsedQuery(match, fields, None, order, limit, select=select)
+        return ParsedQuery(match, fields, where.test, order, limit, where.bounds, select)
+
+    # --- the SELECT list ---------------------------------------------------------------------------
+    def is_punct(self, p: str) -> bool:
+        tok = self.peek()
+        return tok is not None and tok.kind == "punct" and tok.value == p
+
+    def item(self) -> Tok | _RawSub:
+        """One SELECT item as written: a field path, or a subquery (resolved after FROM)."""
+        if not self.is_punct("("):
+            return self.take()
+        self.take()
+        self.expect_kw("SELECT")
+        if self.is_punct("("):
+            raise SoqlError(
+                "MALFORMED_QUERY", "a subquery inside a subquery is beyond the twin's SOQL subset"
+            )
+        fields = [self.take()]
+        while self.is_punct(","):
+            self.take()
+            if self.is_punct("("):
+                raise SoqlError(
+                    "MALFORMED_QUERY", "a subquery inside a subquery is beyond the twin's SOQL subset"
+                )
+            fields.append(self.take())
+        self.expect_kw("FROM")
+        relationship = self.take()
+        if relationship.kind != "ident" or "." in relationship.value:
+            raise SoqlError(
+                "MALFORMED_QUERY", f"expected a child relationship name at position {relationship.pos}"
+            )
+        if not self.is_punct(")"):
+            tok = self.peek()
+            raise SoqlError(
+                "MALFORMED_QUERY",
+                "WHERE, ORDER BY and LIMIT inside a subquery are beyond the twin's SOQL subset"
+                if tok is not None and tok.kind == "kw"
+                else "expected ')' to close the subquery",
+            )
+        self.take()
+        return _RawSub(fields, relationship)
+
+    def relationship(self, sobject: str, name: str, kind: str) -> Relationship:
+        rel = self.relationships.get(sobject, {}).get(name.lower())
+        if rel is None or rel.kind != kind:
+            where = "field path" if kind == "parent" else "FROM part of query call"
+            raise SoqlError(
+                "INVALID_FIELD" if kind == "parent" else "INVALID_TYPE",
+                f"Didn't understand relationship '{name}' in {where}. If you are attempting to use a "
+                "custom relationship, be sure to append the '__r' after the custom relationship name. "
+                "Please reference your WSDL or the describe call for the appropriate names.",
+            )
+        return rel
+
+    def path(self, select: dict[str, FieldDef | Parent | Children], sobject: str, tok: Tok) -> str:
+        """Add ``tok`` (``Name`` or ``Account.Owner.Name``) to ``select``; its canonical path."""
+        if tok.kind != "ident":
+            raise SoqlError("MALFORMED_QUERY", f"expected a field name at position {tok.pos}")
+        *hops, name = tok.value.split(".")
+        if len(hops) > _MAX_HOPS:
+            raise SoqlError("MALFORMED_QUERY", f"'{tok.value}' follows more than {_MAX_HOPS} relationships")
+        node, obj, canonical = select, sobject, []
+        for hop in hops:
+            rel = self.relationship(obj, hop, "parent")
+            found = node.get(rel.name)
+            if not isinstance(found, Parent):
+                found = node[rel.name] = Parent(rel, {})
+            node, obj = cast("dict[str, FieldDef | Parent | Children]", found.select), rel.target
+            canonical.append(rel.name)
+        fd = {k.lower(): v for k, v in self.schema[obj].items()}.get(name.lower())
+        if fd is None:
+            raise SoqlError("INVALID_FIELD", f"No such column '{name}' on entity '{obj}'.")
+        node.setdefault(fd.name, fd)
+        return ".".join([*canonical, fd.name])
+
+    def subquery(self, select: dict[str, FieldDef | Parent | Children], raw: _RawSub) -> None:
+        rel = self.relationship(self.sobject, raw.relationship.value, "child")
+        if rel.name in select:
+            raise SoqlError("MALFORMED_QUERY", f"the subquery on '{rel.name}' appears twice")
+        inner: dict[str, FieldDef | Parent | Children] = {}
+        for tok in raw.fields:
+            self.path(inner, rel.target, tok)
+        select[rel.name] = Children(rel, inner)
 
     # Each rule returns its predicate with the bounds it implies (see Bound): an AND keeps all of its
     # parts' bounds, parentheses pass them through, OR and NOT drop them.
@@ -432,9 +613,14 @@ def _compare(fd: FieldDef, op: str, value: Any) -> Pred:
     return check
 
 
-def parse(text: str, schema: Mapping[str, Mapping[str, FieldDef]]) -> ParsedQuery:
-    """Parse ``text`` against ``schema`` (object -> field name -> definition)."""
-    return _Parser(text, schema).parse()
+def parse(
+    text: str,
+    schema: Mapping[str, Mapping[str, FieldDef]],
+    relationships: Mapping[str, Mapping[str, Relationship]] | None = None,
+) -> ParsedQuery:
+    """Parse ``text`` against ``schema`` (object -> field name -> definition) and ``relationships``
+    (object -> relationship name -> :class:`Relationship`; none = no relationship queries)."""
+    return _Parser(text, schema, relationships or {}).parse()
 
 
 def sort_key(fd: FieldDef, value: Any) -> Any:

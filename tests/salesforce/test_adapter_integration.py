@@ -359,30 +359,35 @@ def test_session_expiry_mid_run_is_transparent(twin: SalesforceTwin, make_adapte
     assert twin.sign_ins == ["password", "password"]
 
 
-def test_reading_pages_costs_query_pages_plus_constant_related_queries(
+RELATED_OBJECTS = (
+    "Account",
+    "OpportunityContactRole",
+    "Contact",
+    "OpportunityTeamMember",
+    "User",
+    "OpportunityLineItem",
+)
+
+
+def test_reading_pages_costs_query_pages_and_no_related_queries(
     twin: SalesforceTwin, make_adapter: MakeAdapter
 ) -> None:
+    """Related data comes with the opportunities (relationship fields and subqueries): not one query
+    per related object and page (before: 6+ per page, ~130 at 10,000 opportunities). Child records
+    count toward Salesforce's 2,000-record batch, so its pages hold fewer opportunities; the adapter
+    joins them back into pages of 2,000."""
     n = 4100
     seed(twin, n)
     adapter = make_adapter()
     pages = list(adapter.pull(None))
     assert len(ids_of(pages)) == n
-    assert opportunity_pages(twin) == math.ceil(n / 2000)
-    related = {
-        obj: len(soql_to(twin, obj))
-        for obj in (
-            "Account",
-            "OpportunityContactRole",
-            "Contact",
-            "OpportunityTeamMember",
-            "User",
-            "OpportunityLineItem",
-        )
-    }
-    # IN queries are chunked only to stay under the 16,384-byte URI limit: a few per object per page
-    assert all(1 <= count <= 5 * len(pages) for count in related.values()), related
-    total = len(twin.calls())
-    assert total < 150, total  # not one query per opportunity (that would be > 4,100 x 6)
+    assert [len(p.rows) for p in pages] == [2000, 2000, 100]
+    # the seed gives each opportunity one contact role and one or two team members and line items
+    # (alternating): five records a deal on average, so 400 deals fill a 2,000-record batch
+    assert opportunity_pages(twin) == math.ceil(n / 400) == 11
+    assert {obj: len(soql_to(twin, obj)) for obj in RELATED_OBJECTS} == dict.fromkeys(RELATED_OBJECTS, 0)
+    # sign-in, two describes, OpportunityStage, RecordType, the count, 11 query pages
+    assert len(twin.calls()) == 17, len(twin.calls())
 
 
 def test_bulk_api_2_for_a_large_initial_load(twin: SalesforceTwin, make_adapter: MakeAdapter) -> None:
@@ -546,9 +551,10 @@ def test_the_budget_guard_stops_a_run_cleanly(twin: SalesforceTwin, make_adapter
     probe = make_adapter().pull(None)
     before = twin.api_used
     next(probe)
-    first_page_cost = twin.api_used - before + 1  # metadata, count, query, related data; + 1 of slack
+    first_page_cost = twin.api_used - before  # metadata, count, the query pages of 2,000 deals
     probe.close()
-    adapter = make_adapter(api_budget_share=(first_page_cost + 2) / 10_000)  # the first page, not the second
+    # the first page's calls and not one more: the second page needs one more query page
+    adapter = make_adapter(api_budget_share=(first_page_cost - 0.5) / 10_000)
     got: list[PullPage] = []
     with pytest.raises(RateLimited, match="budget for this run"):
         for page in adapter.pull(None):
@@ -575,3 +581,176 @@ def test_day_share_stops_before_the_allocation_is_spent(
     twin.daily_api_limit = 1000
     with pytest.raises(RateLimited, match="daily API usage"):
         list(make_adapter().pull(None))
+
+
+# --- related data: relationship queries ----------------------------------------------------------------
+
+
+def crowd(twin: SalesforceTwin) -> tuple[str, dict[str, Any]]:
+    """Three seeded deals; the first gets more children than ``child_batch_size`` (2) of every
+    kind, a primary contact role whose contact is gone (null lookup) ahead of the readable primary,
+    and a team member in the recycle bin. Returns its id and what its deal must carry."""
+    twin.child_batch_size = 2
+    seeded = seed(twin, 3)
+    opp = seeded.opportunities[0]
+    account = twin.tables["Opportunity"][opp]["AccountId"]
+    for role in [r for r in twin.tables["OpportunityContactRole"].values() if r["OpportunityId"] == opp]:
+        twin.update_row("OpportunityContactRole", role["Id"], {"IsPrimary": False})
+    contacts = [
+        twin.add_row(
+            "Contact",
+            {
+                "FirstName": "C",
+                "LastName": f"Buyer{i}",
+                "Email": f"c{i}@customer.example",
+                "AccountId": account,
+            },
+        )
+        for i in range(3)
+    ]
+    twin.delete_row("Contact", contacts[0])
+    twin.purge_row("Contact", contacts[0])  # the role still names it: Contact comes back null
+    for contact, primary in ((contacts[0], True), (contacts[1], False), (contacts[2], True)):
+        twin.add_row(
+            "OpportunityContactRole",
+            {"OpportunityId": opp, "ContactId": contact, "Role": "Influencer", "IsPrimary": primary},
+        )
+    users = [
+        twin.add_row(
+            "User",
+            {"FirstName": "U", "LastName": f"Seller{i}", "Email": f"u{i}@partner.example", "IsActive": True},
+        )
+        for i in range(5)
+    ]
+    members = [
+        twin.add_row(
+            "OpportunityTeamMember", {"OpportunityId": opp, "UserId": u, "TeamMemberRole": "Sales Rep"}
+        )
+        for u in users
+    ]
+    twin.delete_row("OpportunityTeamMember", members[-1])  # in the recycle bin: queryAll still shows it
+    for i in range(3):
+        twin.add_row(
+            "OpportunityLineItem", {"OpportunityId": opp, "ProductCode": f"EXTRA-{i}", "Quantity": 1.0}
+        )
+    team = {f"u{i}@partner.example" for i in range(4)}
+    return opp, {"contact": "c2@customer.example", "team": team, "codes": {f"EXTRA-{i}" for i in range(3)}}
+
+
+def child_pages(twin: SalesforceTwin) -> list[str]:
+    return [r.path for r in twin.calls("GET", "/services/data/") if "/queryAll/01g" in r.path]
+
+
+def test_one_query_brings_related_data_and_child_pages_are_followed(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    opp, expected = crowd(twin)
+    pages = list(make_adapter().pull(None))
+    deals = {r.deal.crm_id: r.deal for p in pages for r in p.rows}
+    deal = deals[opp]
+    assert deal.customer_contact is not None and deal.customer_contact.email == expected["contact"]
+    emails = {m.email for m in deal.team}
+    assert expected["team"] <= emails and "u4@partner.example" not in emails  # the deleted member
+    owner = twin.tables["User"][twin.tables["Opportunity"][opp]["OwnerId"]]["Email"]
+    assert deal.team[0].email == owner and len(emails) == len(deal.team)  # owner first, no duplicates
+    assert expected["codes"] <= {s.id for s in deal.solutions} and len(deal.solutions) == 4
+    # one opportunity query (a single page); one more page for each of the crowded deal's subqueries
+    assert opportunity_pages(twin) == 1 + 3 and len(child_pages(twin)) == 3
+    assert {obj: len(soql_to(twin, obj)) for obj in RELATED_OBJECTS} == dict.fromkeys(RELATED_OBJECTS, 0)
+    # Bulk API 2.0 has no subqueries: its rows read related data with IN queries, to the same deals
+    bulk = {r.deal.crm_id: r.deal for p in make_adapter(bulk_threshold=1).pull(None) for r in p.rows}
+    assert bulk == deals
+    assert all(soql_to(twin, obj) for obj in RELATED_OBJECTS)
+
+
+def test_an_expired_child_locator_reads_the_children_by_query(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    opp, expected = crowd(twin)
+    reference = {r.deal.crm_id: r.deal for p in make_adapter().pull(None) for r in p.rows}
+    expired = Fault(
+        TwinResponse(400, [{"message": "invalid query locator", "errorCode": "INVALID_QUERY_LOCATOR"}]),
+        match=lambda r: "/queryAll/01g" in r.path,
+        times=2,
+    )
+    seen = len(list(twin.soql_log()))
+    with twin.faults(expired):
+        again = {r.deal.crm_id: r.deal for p in make_adapter().pull(None) for r in p.rows}
+    assert again == reference
+    assert (
+        again[opp].customer_contact is not None and again[opp].customer_contact.email == expected["contact"]
+    )
+    fallback = [q for q in list(twin.soql_log())[seen:] if "WHERE OpportunityId = " in q]
+    assert [q.split(" FROM ")[1].split(" ")[0] for q in fallback] == [
+        "OpportunityContactRole",
+        "OpportunityTeamMember",
+    ]
+
+
+def test_get_and_find_by_referral_read_related_data_in_the_same_query(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    seeded = seed(twin, 8)
+    for i, opp in enumerate(seeded.opportunities[:2]):
+        twin.update_row("Opportunity", opp, {"Partner_Center_Referral_Id__c": f"REF-{i}"})
+    adapter = make_adapter()
+    pulled = {r.deal.crm_id: r.deal for p in adapter.pull(None) for r in p.rows}
+    seen = len(twin.calls())
+    deals = adapter.get(seeded.opportunities[:3])
+    found = adapter.find_by_referral(["REF-0", "REF-1", "REF-404"])
+    requests_made = twin.calls()[seen:]
+    assert len(requests_made) == 2  # one query each, the related data inside
+    for request in requests_made:
+        q = request.arg("q") or ""
+        assert (
+            "Account.Name" in q and "FROM OpportunityContactRoles)" in q and "FROM OpportunityLineItems)" in q
+        )
+    assert {d.crm_id: d for d in deals} == {o: pulled[o] for o in seeded.opportunities[:3]}
+    assert found == {f"REF-{i}": pulled[o] for i, o in enumerate(seeded.opportunities[:2])}
+
+
+def test_a_solutions_multi_select_leaves_line_items_out_of_the_query(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    seeded = seed(twin, 2)
+    twin.update_row("Opportunity", seeded.opportunities[0], {"Partner_Center_Solutions__c": "A;B"})
+    deals = {
+        r.deal.crm_id: r.deal
+        for p in make_adapter(fields={"solutions": "Partner_Center_Solutions__c"}).pull(None)
+        for r in p.rows
+    }
+    assert [s.id for s in deals[seeded.opportunities[0]].solutions] == ["A", "B"]
+    assert deals[seeded.opportunities[1]].solutions == ()
+    assert not [q for q in twin.soql_log() if "OpportunityLineItem" in q]
+
+
+def test_stage_resolution_is_cached_per_stage_probability_and_record_type(
+    twin: SalesforceTwin, make_adapter: MakeAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(twin, 60)
+    asked: list[tuple[str, int | None, str | None]] = []
+    resolve = StageMapping.resolve
+
+    def counting(
+        self: StageMapping, label: str, probability: int | None = None, record_type: str | None = None
+    ) -> Any:
+        asked.append((label, probability, record_type))
+        return resolve(self, label, probability, record_type)
+
+    monkeypatch.setattr(StageMapping, "resolve", counting)
+    adapter = make_adapter()
+    # bands up to 49 only: deals at 50 % and above (open) cannot map
+    mapping = StageMapping(
+        stages=tuple(adapter.stages()), bands=(Band(0, 49, StageTarget.open(StandardStage.QUALIFIED)),)
+    )
+    adapter = make_adapter(stage_mapping=mapping)
+    pages = list(adapter.pull(None))
+    rows = [r for p in pages for r in p.rows]
+    failures = [f for p in pages for f in p.failures]
+    assert len(rows) + len(failures) == 60 and rows and failures
+    assert {f.cause for f in failures} == {"stage-unmapped"}  # every such deal, not only the first
+    distinct = {(r.stage_name, r.probability, r.record_type) for r in rows}
+    assert len(asked) == len(set(asked)) <= 10 and distinct <= set(asked)
+    adapter.refresh_metadata()  # the cache goes with the metadata
+    list(adapter.pull(None))
+    assert len(asked) == 2 * len(set(asked))

@@ -3,22 +3,26 @@ samples in tests/fixtures/salesforce (copied verbatim from the shared fixtures).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import random
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from connector.errors import ConfigError, SignInRequired
 from connector.remote.http import requests_session
-from connector.remote.twin import Clock, TwinCA, TwinRequest
-from connector.salesforce.adapter import parse_sf_datetime
+from connector.remote.twin import Clock, Fault, TwinCA, TwinRequest, TwinResponse
+from connector.salesforce.adapter import _parse_sf_datetime, parse_sf_datetime
 from connector.salesforce.auth import SalesforceSignIn, jwt_audience
-from connector.salesforce.twin import SalesforceTwin, seed
-from connector.salesforce.twin_soql import parse
+from connector.salesforce.twin import RELATIONSHIPS, SalesforceTwin, seed
+from connector.salesforce.twin_soql import SoqlError, parse
 from connector.settings import SalesforceAuth
 from tests.salesforce.conftest import (
     CLIENT_ID,
@@ -377,3 +381,349 @@ def test_indexed_queries_return_exactly_what_a_scan_returns(ca: TwinCA, rng_seed
             got = [r["Id"] for r in twin._rows(parsed, include_deleted)]
             assert got == [r["Id"] for r in twin._rows(scan, include_deleted)], (step, soql)
     assert indexed > 200  # the index path was taken, not only the scan
+
+
+# --- relationship queries ---------------------------------------------------------------------------
+
+
+def _client(twin: SalesforceTwin, ca_bundle: Path) -> tuple[SalesforceSignIn, str]:
+    provider = sign_in(
+        twin,
+        ca_bundle,
+        SalesforceAuth(
+            flow="client_credentials", client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET)
+        ),
+    )
+    return provider, f"{twin.base_url}/services/data/v59.0"
+
+
+def test_twin_relationship_queries_nest_as_documented(twin: SalesforceTwin, ca_bundle: Path) -> None:
+    """Parent fields as a nested record (attributes type and url) or null; subqueries as a nested
+    query result or null; more than child_batch_size children: done false and a nextRecordsUrl that
+    query/<locator> serves (and that also expires like a top-level locator)."""
+    twin.child_batch_size = 2
+    seeded = seed(twin, 2)
+    lonely = twin.add_row(
+        "Opportunity", {"Name": "No account", "StageName": "Prospecting", "CloseDate": START.date()}
+    )
+    busy = seeded.opportunities[0]
+    extra = [
+        twin.add_row(
+            "OpportunityTeamMember",
+            {"OpportunityId": busy, "UserId": seeded.users[0], "TeamMemberRole": f"Role {i}"},
+        )
+        for i in range(4)
+    ]
+    provider, base = _client(twin, ca_bundle)
+    soql = (
+        "SELECT Id, account.Name, Owner.Email, Owner.Title, "
+        "(SELECT Id, TeamMemberRole, User.Email FROM opportunityteammembers), "
+        "(SELECT Id, Contact.LastName FROM OpportunityContactRoles) "
+        "FROM Opportunity ORDER BY Name"
+    )
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        body = s.get(f"{base}/query", params={"q": soql}).json()
+        records = {r["Id"]: r for r in body["records"]}
+        first = records[busy]
+        assert list(first) == [
+            "attributes",
+            "Id",
+            "Account",
+            "Owner",
+            "OpportunityTeamMembers",
+            "OpportunityContactRoles",
+        ]
+        account = twin.tables["Opportunity"][busy]["AccountId"]
+        assert first["Account"] == {
+            "attributes": {"type": "Account", "url": f"/services/data/v59.0/sobjects/Account/{account}"},
+            "Name": twin.tables["Account"][account]["Name"],
+        }
+        assert set(first["Owner"]) == {"attributes", "Email", "Title"}
+        assert first["Owner"]["attributes"]["type"] == "User"
+        roles = first["OpportunityContactRoles"]
+        assert roles["totalSize"] == 1 and roles["done"] is True and "nextRecordsUrl" not in roles
+        assert set(roles["records"][0]) == {"attributes", "Id", "Contact"}
+        assert roles["records"][0]["Contact"]["attributes"]["type"] == "Contact"
+        # an empty lookup is null, and so is a subquery without children
+        assert records[lonely]["Account"] is None and records[lonely]["OpportunityTeamMembers"] is None
+        # five team members, two inline: the rest behind the nested result's own locator
+        team = first["OpportunityTeamMembers"]
+        assert team["totalSize"] == 5 and team["done"] is False and len(team["records"]) == 2
+        assert team["records"][0]["attributes"]["type"] == "OpportunityTeamMember"
+        rest = s.get(f"{twin.base_url}{team['nextRecordsUrl']}").json()
+        assert rest["done"] is True and rest["totalSize"] == 5
+        members = [r["Id"] for r in team["records"] + rest["records"]]
+        assert members[-4:] == extra and len(set(members)) == 5  # every child once, in order
+        assert rest["records"][-1]["User"]["Email"] == twin.tables["User"][seeded.users[0]]["Email"]
+        with twin.faults(
+            Fault(TwinResponse(400, [{"errorCode": "INVALID_QUERY_LOCATOR", "message": "expired"}]))
+        ):
+            expired = s.get(f"{twin.base_url}{team['nextRecordsUrl']}")
+        assert expired.json()[0]["errorCode"] == "INVALID_QUERY_LOCATOR"
+        assert s.get(f"{base}/query/01gNoSuchLocator-2").json()[0]["errorCode"] == "INVALID_QUERY_LOCATOR"
+    provider.close()
+
+
+def test_children_count_toward_the_batch_size(twin: SalesforceTwin, ca_bundle: Path) -> None:
+    """'Child objects count toward the number of records for the batch size' (Query Options header):
+    a page of parents with children holds fewer parents; one parent per page at least."""
+    seed(twin, 300)  # five records per opportunity on average (itself, 1 role, 1-2 members and items)
+    provider, base = _client(twin, ca_bundle)
+    soql = "SELECT Id, (SELECT Id FROM OpportunityLineItems), (SELECT Id FROM OpportunityTeamMembers) FROM Opportunity"
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        s.headers["Sforce-Query-Options"] = "batchSize=200"
+        sizes, url = [], f"{base}/query?q={soql}"
+        while url:
+            body = s.get(url).json()
+            weights = [
+                1
+                + sum(
+                    len((r[k] or {"records": []})["records"])
+                    for k in ("OpportunityLineItems", "OpportunityTeamMembers")
+                )
+                for r in body["records"]
+            ]
+            assert sum(weights) <= 200
+            sizes.append(len(body["records"]))
+            url = f"{twin.base_url}{body['nextRecordsUrl']}" if not body["done"] else ""
+        assert sum(sizes) == 300 and max(sizes) < 200  # 1 + 1..2 + 1..2 records per opportunity
+        plain = s.get(f"{base}/query", params={"q": "SELECT Id FROM Opportunity"}).json()
+        assert len(plain["records"]) == 200  # without subqueries: the batch size in parents
+    provider.close()
+
+
+def test_queryall_subqueries_return_deleted_children_and_lookups_to_deleted_rows_are_null(
+    twin: SalesforceTwin, ca_bundle: Path
+) -> None:
+    seeded = seed(twin, 1)
+    opp = seeded.opportunities[0]
+    member = next(r["Id"] for r in twin.tables["OpportunityTeamMember"].values() if r["OpportunityId"] == opp)
+    twin.delete_row("OpportunityTeamMember", member)
+    twin.delete_row("Account", twin.tables["Opportunity"][opp]["AccountId"])
+    provider, base = _client(twin, ca_bundle)
+    soql = "SELECT Id, Account.Name, (SELECT Id, IsDeleted FROM OpportunityTeamMembers) FROM Opportunity"
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        live = s.get(f"{base}/query", params={"q": soql}).json()["records"][0]
+        every = s.get(f"{base}/queryAll", params={"q": soql}).json()["records"][0]
+    assert live["Account"] is None and every["Account"] is None
+    assert live["OpportunityTeamMembers"] is None  # its only member is in the recycle bin
+    assert every["OpportunityTeamMembers"]["records"] == [
+        {
+            "attributes": {
+                "type": "OpportunityTeamMember",
+                "url": f"/services/data/v59.0/sobjects/OpportunityTeamMember/{member}",
+            },
+            "Id": member,
+            "IsDeleted": True,
+        }
+    ]
+    provider.close()
+
+
+def test_twin_refuses_relationship_queries_salesforce_refuses(twin: SalesforceTwin) -> None:
+    cases = {
+        # unknown lookups and fields on either side, in Salesforce's words and codes
+        "SELECT Id, Acount.Name FROM Opportunity": (
+            "INVALID_FIELD",
+            "Didn't understand relationship 'Acount' in field path",
+        ),
+        "SELECT Id, AccountId.Name FROM Opportunity": (
+            "INVALID_FIELD",
+            "Didn't understand relationship 'AccountId'",
+        ),
+        "SELECT Id, Account.Nope FROM Opportunity": (
+            "INVALID_FIELD",
+            "No such column 'Nope' on entity 'Account'",
+        ),
+        "SELECT Id, Owner.Account.Name FROM Opportunity": (
+            "INVALID_FIELD",
+            "relationship 'Account' in field path",
+        ),
+        "SELECT Id, Account FROM Opportunity": ("INVALID_FIELD", "No such column 'Account'"),
+        "SELECT Id, (SELECT Id FROM Contacts) FROM Opportunity": (
+            "INVALID_TYPE",
+            "Didn't understand relationship 'Contacts' in FROM part of query call",
+        ),
+        "SELECT Id, (SELECT Id FROM OpportunityContactRole) FROM Opportunity": (
+            "INVALID_TYPE",
+            "relationship",
+        ),
+        "SELECT Id, (SELECT Id FROM Account) FROM Opportunity": ("INVALID_TYPE", "relationship 'Account'"),
+        "SELECT Id, (SELECT Nope FROM OpportunityContactRoles) FROM Opportunity": (
+            "INVALID_FIELD",
+            "No such column 'Nope' on entity 'OpportunityContactRole'",
+        ),
+        "SELECT Id, (SELECT Contact.Nope FROM OpportunityContactRoles) FROM Opportunity": (
+            "INVALID_FIELD",
+            "No such column 'Nope' on entity 'Contact'",
+        ),
+        "SELECT Id, (SELECT Id FROM OpportunityLineItems) FROM Account": ("INVALID_TYPE", "relationship"),
+        # beyond the twin's subset (Salesforce takes them), or malformed
+        "SELECT Id, (SELECT Id FROM OpportunityLineItems WHERE ProductCode = 'x') FROM Opportunity": (
+            "MALFORMED_QUERY",
+            "subquery",
+        ),
+        "SELECT Id, (SELECT Id, (SELECT Id FROM Contacts) FROM OpportunityContactRoles) FROM Opportunity": (
+            "MALFORMED_QUERY",
+            "subquery",
+        ),
+        "SELECT Id FROM Opportunity WHERE Account.Name = 'x'": ("MALFORMED_QUERY", "relationship path"),
+        "SELECT Id FROM Opportunity ORDER BY Owner.Email": ("MALFORMED_QUERY", "relationship path"),
+        "SELECT Id, (SELECT Id FROM OpportunityLineItems FROM Opportunity": ("MALFORMED_QUERY", ""),
+        "SELECT Id, Account..Name FROM Opportunity": ("MALFORMED_QUERY", ""),
+        "SELECT Id, Account.Name FROM Opportunity.Account": ("MALFORMED_QUERY", ""),
+    }
+    for query, (code, words) in cases.items():
+        with pytest.raises(SoqlError) as info:
+            parse(query, twin.schema, RELATIONSHIPS)
+        assert (info.value.code, words in info.value.message) == (code, True), (query, info.value.message)
+    # case-insensitive names, canonical paths
+    parsed = parse(
+        "SELECT id, ACCOUNT.name, owner.EMAIL, (SELECT contact.email FROM opportunitycontactroles) FROM opportunity",
+        twin.schema,
+        RELATIONSHIPS,
+    )
+    assert parsed.fields == ["Id", "Account.Name", "Owner.Email"]
+    assert list(parsed.select) == ["Id", "Account", "Owner", "OpportunityContactRoles"]
+    assert parsed.has_subqueries and not parsed.plain
+
+
+def test_bulk_reads_parent_fields_as_columns_and_refuses_subqueries(
+    twin: SalesforceTwin, ca_bundle: Path
+) -> None:
+    seeded = seed(twin, 2)
+    lonely = twin.add_row(
+        "Opportunity", {"Name": "Alone", "StageName": "Prospecting", "CloseDate": START.date()}
+    )
+    provider, base = _client(twin, ca_bundle)
+    twin.bulk_polls_in_progress = 0
+    with requests_session(ca_bundle) as s:
+        s.headers["Authorization"] = f"Bearer {provider.token()}"
+        refused = s.post(
+            f"{base}/jobs/query",
+            json={
+                "operation": "query",
+                "query": "SELECT Id, (SELECT Id FROM OpportunityLineItems) FROM Opportunity",
+            },
+        )
+        assert refused.status_code == 400 and refused.json()[0]["errorCode"] == "INVALIDJOB"
+        job = s.post(
+            f"{base}/jobs/query",
+            json={
+                "operation": "query",
+                "query": "SELECT Id, Account.Name, Owner.Email FROM Opportunity ORDER BY Name",
+            },
+        ).json()
+        s.get(f"{base}/jobs/query/{job['id']}")
+        text = s.get(f"{base}/jobs/query/{job['id']}/results").text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["Id", "Account.Name", "Owner.Email"]
+    by_id = {r["Id"]: r for r in rows}
+    opp = twin.tables["Opportunity"][seeded.opportunities[0]]
+    assert by_id[opp["Id"]]["Account.Name"] == twin.tables["Account"][opp["AccountId"]]["Name"]
+    assert by_id[opp["Id"]]["Owner.Email"] == twin.tables["User"][opp["OwnerId"]]["Email"]
+    assert by_id[lonely]["Account.Name"] == "" and by_id[lonely]["Owner.Email"] == ""
+    provider.close()
+
+
+@pytest.mark.parametrize("rng_seed", range(4))
+def test_children_from_the_index_are_what_a_scan_finds(ca: TwinCA, rng_seed: int) -> None:
+    """A subquery's children come from the index on the child's reference field: over child rows
+    added, moved to another parent, deleted, purged, re-added and rolled back, they are exactly the
+    rows a scan of the child table finds, in table order."""
+    rng = random.Random(rng_seed)
+    twin = SalesforceTwin(ca, clock=Clock(START))
+    parents = [
+        twin.add_row("Opportunity", {"Name": f"o{i}", "StageName": "Prospecting", "CloseDate": START.date()})
+        for i in range(4)
+    ]
+    choices = [*parents, None]
+    purged: list[str] = []
+    rel = RELATIONSHIPS["Opportunity"]["OpportunityContactRoles"]
+    table = twin.tables["OpportunityContactRole"]
+
+    def values() -> dict[str, object]:
+        return {
+            "OpportunityId": rng.choice(choices),
+            "ContactId": "003Tw0000000000AAA",
+            "IsPrimary": rng.random() < 0.3,
+        }
+
+    checked = 0
+    for _step in range(200):
+        table = twin.tables["OpportunityContactRole"]
+        ids = list(table)
+        live = [i for i in ids if not table[i]["IsDeleted"]]
+        action = rng.randrange(6)
+        if action == 0 or not live:
+            twin.add_row("OpportunityContactRole", values())
+        elif action == 1:
+            twin.update_row(
+                "OpportunityContactRole", rng.choice(live), {"OpportunityId": rng.choice(choices)}
+            )
+        elif action == 2:
+            twin.delete_row("OpportunityContactRole", rng.choice(live))
+        elif action == 3:
+            binned = [i for i in ids if table[i]["IsDeleted"]]
+            if binned:
+                purged.append(rng.choice(binned))
+                twin.purge_row("OpportunityContactRole", purged[-1])
+        elif action == 4 and purged:
+            twin.add_row("OpportunityContactRole", {**values(), "Id": purged.pop()})
+        elif action == 5 and len(live) >= 2:
+            records = [
+                {
+                    "attributes": {"type": "OpportunityContactRole"},
+                    "id": live[0],
+                    "OpportunityId": rng.choice(parents),
+                },
+                {"attributes": {"type": "OpportunityContactRole"}, "id": live[1], "Nope__c": 1},
+            ]
+            body = json.dumps({"allOrNone": True, "records": records}).encode()
+            response = twin._collection(TwinRequest("PATCH", "/", {}, {}, body), creating=False)
+            assert not response.body[0]["success"]
+        children_of = twin._children_of(rel)
+        for parent in parents:
+            scan = [r for r in twin.tables["OpportunityContactRole"].values() if r["OpportunityId"] == parent]
+            assert children_of(parent) == scan
+            checked += bool(scan)
+    assert checked > 100
+
+
+@settings(max_examples=300)
+@given(
+    st.datetimes(
+        min_value=datetime(1971, 1, 1),  # noqa: DTZ001 - hypothesis takes naive bounds
+        max_value=datetime(2200, 1, 1),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    st.integers(-14 * 60, 14 * 60),
+    st.sampled_from(["+hhmm", "+hh:mm", "Z", "none"]),
+    st.booleans(),
+)
+def test_the_datetime_fast_path_agrees_with_the_full_parser(
+    when: datetime, offset_minutes: int, style: str, millis: bool
+) -> None:
+    """REST's ``2025-03-03T12:00:00.000+0000`` goes through fromisoformat directly; whatever it
+    parses must be what the full parser gives (and what it refuses, the full parser decides)."""
+    zone = timezone(timedelta(minutes=offset_minutes)) if style != "Z" else UTC
+    local = when.astimezone(zone)
+    text = local.strftime("%Y-%m-%dT%H:%M:%S") + (f".{local.microsecond // 1000:03d}" if millis else "")
+    sign = "-" if offset_minutes < 0 else "+"
+    hh, mm = divmod(abs(offset_minutes), 60)
+    text += {"+hhmm": f"{sign}{hh:02d}{mm:02d}", "+hh:mm": f"{sign}{hh:02d}:{mm:02d}", "Z": "Z", "none": ""}[
+        style
+    ]
+    try:
+        slow = _parse_sf_datetime(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_sf_datetime(text)
+        assert style == "none"
+        return
+    fast = parse_sf_datetime(text)
+    assert fast == slow and fast.tzinfo is UTC and slow.tzinfo is UTC
+    assert fast == when.replace(microsecond=when.microsecond // 1000 * 1000 if millis else 0)

@@ -159,7 +159,10 @@ def test_the_twin_rejects_what_salesforce_rejects() -> None:
         "SELECT Id FROM Opportunity WHERE Name = 'a' --": "MALFORMED_QUERY",
         "SELECT Nope FROM Opportunity": "INVALID_FIELD",
         "SELECT Id FROM Nope": "INVALID_TYPE",
-        "SELECT Id, (SELECT Id FROM Contacts) FROM Opportunity": "MALFORMED_QUERY",
+        # Salesforce: "Didn't understand relationship 'Contacts' in FROM part of query call"
+        "SELECT Id, (SELECT Id FROM Contacts) FROM Opportunity": "INVALID_TYPE",
+        "SELECT Id, Account.Name FROM Opportunity": "INVALID_FIELD",  # no relationships in SCHEMA
+        "SELECT Id FROM Opportunity WHERE Id IN (SELECT Id FROM Opportunity)": "MALFORMED_QUERY",
         "SELECT Id FROM Opportunity WHERE IsWon > true": "MALFORMED_QUERY",
     }
     for query, code in cases.items():
@@ -173,3 +176,70 @@ def test_the_twin_compares_datetimes_as_instants() -> None:
     query = "SELECT Id FROM Opportunity WHERE SystemModstamp >= 2025-03-03T13:00:00+01:00"
     assert matches(query, {"SystemModstamp": stamp})
     assert not matches(query, {"SystemModstamp": stamp - timedelta(seconds=1)})
+
+
+def test_relationship_paths_and_subqueries_render_checked() -> None:
+    query = soql.Query(
+        "Opportunity",
+        ("Id", "Account.Name", "Owner.Email", "Account.Name"),
+        where=soql.eq("Name", "x"),
+        order_by=("Id",),
+        children=(soql.Query("OpportunityContactRoles", ("Id", "Contact.Email")),),
+    ).render()
+    assert query == (
+        "SELECT Id, Account.Name, Owner.Email, (SELECT Id, Contact.Email FROM OpportunityContactRoles) "
+        "FROM Opportunity WHERE Name = 'x' ORDER BY Id"
+    )
+    assert soql.field_path("A.B.C.D.E.Name") == "A.B.C.D.E.Name"
+    for bad in (
+        "Account..Name",
+        "Account.",
+        ".Name",
+        "Account.Name, Id",
+        "A.B.C.D.E.F.Name",
+        "Account.FROM",
+        3,
+    ):
+        with pytest.raises(ValueError):
+            soql.field_path(bad)
+    nested = soql.Query("Contacts", ("Id",), children=(soql.Query("Cases", ("Id",)),))
+    with pytest.raises(ValueError, match="nest"):
+        soql.Query("Account", ("Id",), children=(nested,)).render()
+    with pytest.raises(ValueError):
+        soql.Query("Account", ("Id",), children=(soql.Query("Contacts; DELETE", ("Id",)),)).render()
+    with pytest.raises(ValueError):
+        soql.Query("Account", (), count=True, children=(soql.Query("Contacts", ("Id",)),)).render()
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.one_of(st.text("abcXYZ019", min_size=1, max_size=20), text.filter(bool)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(120, 600),
+)
+def test_chunks_are_as_full_as_the_limit_allows_for_plain_and_hostile_values(
+    values: list[str], limit: int
+) -> None:
+    """The fast path (plain letters and digits: the value between two encoded quotes) and the slow
+    path (quote_plus of the escaped literal) size chunks alike: each under the limit, each as full as
+    it can be, every value once and in order."""
+
+    def build(chunk: object) -> str:
+        return soql.Query("Opportunity", ("Id",), where=soql.in_("Name", chunk)).render()  # type: ignore[arg-type]
+
+    try:
+        queries = list(soql.chunk_in_values(values, build, limit=limit))
+    except ValueError:
+        assert any(len(quote_plus(build([v]))) > limit for v in values)
+        return
+    start = 0
+    for query in queries:
+        size = next(k for k in range(1, len(values) - start + 1) if build(values[start : start + k]) == query)
+        assert len(quote_plus(query)) <= limit
+        if start + size < len(values):
+            assert len(quote_plus(build(values[start : start + size + 1]))) > limit
+        start += size
+    assert start == len(values)
