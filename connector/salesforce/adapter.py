@@ -132,8 +132,10 @@ from connector.seams import (
     CrmChange,
     CrmField,
     CrmWrite,
+    Listed,
     RecordFailure,
     WriteResult,
+    fingerprint,
 )
 from connector.settings import SalesforceCrm
 
@@ -321,6 +323,7 @@ class PullPage:
     failures: tuple[RecordFailure, ...] = ()
     cursor: str | None = None
     full_resync: bool = False
+    listed: tuple[Listed, ...] = ()
 
     def to_change_page(self) -> ChangePage:
         return ChangePage(
@@ -329,11 +332,13 @@ class PullPage:
             failures=self.failures,
             cursor=self.cursor,
             full_resync=self.full_resync,
+            listed=self.listed,
         )
 
 
-#: one record of a scan page as converted: its row, its failure, or (deleted) its id
-_Converted = OpportunityRow | RecordFailure | str
+#: one record of a scan page as converted: its row (or, lazily, its listing), its failure, or
+#: (deleted) its id
+_Converted = OpportunityRow | Listed | RecordFailure | str
 
 
 class SalesforceApiError(CosellError):
@@ -416,6 +421,8 @@ class _Run:
 
     meta: _Metadata
     signpost: datetime | None = None
+    #: live records handed over unconverted (``seams.Listed``), for the engine to convert on demand
+    lazy: bool = False
 
     @property
     def opp_fields(self) -> Mapping[str, str]:
@@ -824,16 +831,18 @@ class SalesforceAdapter:
 
     # --- reading ----------------------------------------------------------------------------------
     def changes(self, cursor: str | None) -> Iterator[ChangePage]:
-        for page in self.pull(cursor):
+        """:meth:`pull` for the engine: REST pages' live records listed unconverted (their
+        fingerprint covers the nested related data), so a settled one costs no conversion."""
+        for page in self.pull(cursor, lazy=True):
             yield page.to_change_page()
 
-    def pull(self, cursor: str | None) -> Iterator[PullPage]:
+    def pull(self, cursor: str | None, *, lazy: bool = False) -> Iterator[PullPage]:
         """Pages of opted-in opportunities changed since ``cursor`` (None = full load), with deletes.
 
         The order of calls and why the cursor stays correct: see the module docstring."""
         prev = Cursor.decode(cursor) if cursor else None
         self.budget.begin_run()
-        run = self._run = _Run(self._metadata(run_start=True))
+        run = self._run = _Run(self._metadata(run_start=True), lazy=lazy)
         if prev is None:
             yield from self._pull_full(run, "no cursor (first run)", first_run=True)
             return
@@ -1075,10 +1084,35 @@ class SalesforceAdapter:
         return [
             (
                 (rec["SystemModstamp"], str(rec["Id"])),
-                str(rec["Id"]) if rec.get("IsDeleted") else self._convert_one(run, rec, rel),
+                str(rec["Id"])
+                if rec.get("IsDeleted")
+                else (self._listed(run, rec, rel) if run.lazy else self._convert_one(run, rec, rel)),
             )
             for rec in records
         ]
+
+    def _listed(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> Listed | RecordFailure:
+        try:
+            rid = soql.sf_id(rec["Id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return RecordFailure(str(rec.get("Id") or ""), "invalid-record", f"{type(exc).__name__}: {exc}")
+        referral = rec.get(self.fields["referral_id"]) if self.fields["referral_id"] else None
+        stamp = rec.get("SystemModstamp")
+        return Listed(
+            record_id=rid,
+            version=stamp if isinstance(stamp, str) else None,
+            # the whole record as read, its relationship fields and subqueries included: a child
+            # list still paged (nextRecordsUrl) carries a fresh locator, so it never matches
+            fingerprint=fingerprint(rec),
+            reference=str(referral) if referral else None,
+            read=partial(self._read_row, run, rec, rel),
+        )
+
+    def _read_row(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> Deal:
+        got = self._convert_one(run, rec, rel)
+        if isinstance(got, RecordFailure):
+            raise RecordError(got.detail, record_id=got.record_id, cause=got.cause)
+        return got.deal
 
     def _pull_bulk(self, run: _Run, base: list[soql.Cond], final: Cursor) -> Iterator[PullPage]:
         """Initial load through a Bulk API 2.0 query job (https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/queries.htm).
@@ -1691,6 +1725,7 @@ def _pull_page(
         tuple(c for c in converted if isinstance(c, RecordFailure)),
         cursor,
         full,
+        tuple(c for c in converted if isinstance(c, Listed)),
     )
 
 

@@ -19,6 +19,7 @@ record blocked with the rule's words; a rule that only says "not yet" leaves the
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,12 +30,13 @@ from typing import Any
 
 import structlog
 
+from connector import __version__
 from connector.domain.merge import Policy, rewritten_fields, snapshot_of, values_hash
 from connector.domain.model import Deal
 from connector.errors import ConflictError, RecordError, RetryLater, RuleViolation
 from connector.logs import _scrub
 from connector.mappings import MappingSet
-from connector.seams import CrmAdapter, CrmChange, Listed, RecordFailure, ReferralStore
+from connector.seams import CrmAdapter, CrmChange, Listed, RecordFailure, ReferralStore, fingerprint
 from connector.settings import Connection
 from connector.state import (
     AuditEntry,
@@ -181,6 +183,16 @@ class SyncEngine:
         #: record id -> fingerprint of its listed content, for the page being reconciled (per side)
         self._fingerprints: dict[str, str] = {}
         self._crm_fingerprints: dict[str, str] = {}
+        # A fingerprint says "this content reads as the merge base" only under the reading that
+        # noted it: a new mapping, setting or release must convert every record again, not settle
+        # it on its old reading. So each is keyed with what the reading depends on.
+        self._reading_key = fingerprint(
+            {
+                "release": __version__,
+                "connection": connection.model_dump(mode="json"),
+                "mappings": [repr(mappings.stages), repr(mappings.values)],
+            }
+        ).encode()
         #: this page's opportunities whose last write by us was read back, and what that found
         self._read_back: list[str] = []
         self._read_back_audit: list[AuditEntry] = []
@@ -490,14 +502,17 @@ class SyncEngine:
         out: list[Deal] = []
         for item in listed:
             head = heads.get(item.record_id)
-            if self._listed_as_last_synced(head, side, item):
+            keyed = hashlib.blake2b(
+                item.fingerprint.encode(), key=self._reading_key, digest_size=16
+            ).hexdigest()
+            if self._listed_as_last_synced(head, side, item, keyed):
                 continue
             try:
                 deal = item.read()
             except RecordError as exc:
                 self._fail(side, item.record_id, exc)
                 continue
-            fingerprints[item.record_id] = item.fingerprint
+            fingerprints[item.record_id] = keyed
             out.append(deal)
         return out
 
@@ -627,7 +642,9 @@ class SyncEngine:
             self._settled.discard(crm_id)
             self._need_report().counts["unchanged"] += 1
 
-    def _listed_as_last_synced(self, head: LinkHead | None, side: System, item: Listed) -> bool:
+    def _listed_as_last_synced(
+        self, head: LinkHead | None, side: System, item: Listed, keyed: str
+    ) -> bool:
         """:meth:`_as_last_synced` for a record still only listed: by its fingerprint against the one
         noted when its content was last found equal to the merge base (any edit since, even one that
         somehow kept a referral's eTag, changes it), and for a referral its eTag too."""
@@ -637,10 +654,10 @@ class SyncEngine:
             settled = (
                 item.version is not None
                 and item.version == head.pc_version
-                and item.fingerprint == head.pc_fingerprint
+                and keyed == head.pc_fingerprint
             )
         else:
-            settled = item.fingerprint == head.crm_fingerprint
+            settled = keyed == head.crm_fingerprint
         if settled:
             assert head.crm_id is not None
             self._count_settled(head.crm_id, side)

@@ -10,8 +10,10 @@ import pytest
 
 from connector.partner_center import client as pc_client
 from connector.partner_center.twin import PartnerCenterTwin
+from connector.salesforce.adapter import SalesforceAdapter
 from connector.salesforce.twin import SalesforceTwin
 from connector.state import DeadLetter, SqlStateStore, System
+from connector.sync import engine as engine_module
 from tests.e2e.conftest import CONNECTION, Run
 
 REFERRAL_FIELD = "Partner_Center_Referral_Id__c"
@@ -292,3 +294,34 @@ def test_a_referral_listed_as_last_synced_is_not_converted_and_an_edit_keeping_i
     assert converted == [rid]
     assert again.counts["crm_updated"] == 1 and again.counts["unchanged"] == 2
     assert sf.tables["Opportunity"][opps[1]]["Description"] == "edited, eTag kept"
+
+
+def test_an_opportunity_listed_as_last_synced_is_not_converted_until_its_content_or_our_reading_changes(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opps = [add_opportunity(sf, name=f"Deal {i}") for i in range(3)]
+    run()
+    run()  # reads our writes back: each opportunity's fingerprint is noted then
+    assert all((link := store.link_by_crm(CONNECTION, o)) and link.crm_fingerprint for o in opps)
+    converted: list[str] = []
+    real = SalesforceAdapter._read_row
+
+    def counting(self: SalesforceAdapter, run_: Any, rec: Any, rel: Any) -> Any:
+        converted.append(str(rec["Id"]))
+        return real(self, run_, rec, rel)
+
+    monkeypatch.setattr(SalesforceAdapter, "_read_row", counting)
+    assert run(full=True).counts["unchanged"] == 3 and converted == []
+    # edited where no stamp shows it (same SystemModstamp): the content differs, so it is read
+    stamp = sf.tables["Opportunity"][opps[2]]["SystemModstamp"]
+    sf.update_row("Opportunity", opps[2], {"Description": "edited, stamp kept"}, stamp=stamp)
+    again = run(full=True)
+    assert converted == [opps[2]] and again.counts["pc_updated"] == 1
+    # a new release (or mapping, or setting) reads every record afresh: its fingerprints were noted
+    # under the old reading
+    converted.clear()
+    monkeypatch.setattr(engine_module, "__version__", "99.0.0")
+    fresh = run(full=True)
+    assert sorted(converted) == sorted(opps) and fresh.counts["unchanged"] == 3
+    converted.clear()
+    assert run(full=True).counts["unchanged"] == 3 and converted == []  # noted again under the new one
