@@ -14,7 +14,7 @@ three plus ``null``.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -43,6 +43,8 @@ from connector.domain.rules import derive_deal_type
 from connector.errors import RecordError
 from connector.partner_center.jsonpatch import apply_patch
 from connector.partner_center.models import (
+    CustomerId,
+    Details,
     Member,
     PatchOp,
     Referral,
@@ -75,6 +77,13 @@ STAGE_WORDS: dict[StandardStage, str] = {
     StandardStage.NEGOTIATED: "Close",
 }
 _WORD_STAGES = {word.casefold(): stage for stage, word in STAGE_WORDS.items()}
+#: what format_stage writes, in each representation: read back by one lookup (parse_stage reads them
+#: the same way through its general path)
+_STAGE_EXACT: dict[str | int, StandardStage] = {
+    **{str(int(stage)): stage for stage in StandardStage},
+    **{int(stage): stage for stage in StandardStage},
+    **{word: stage for stage, word in STAGE_WORDS.items()},
+}
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +111,10 @@ def format_stage(stage: StandardStage, fmt: StageFormat) -> str | int:
 def parse_stage(raw: str | int | float | None) -> StandardStage | None:
     """Any of the three representations, a standard stage name, or null. Unknown values read as
     "no stage" (logged), never as an error: enum drift must not stop a sync (§12)."""
+    if type(raw) is str or type(raw) is int:
+        stage = _STAGE_EXACT.get(raw)  # the usual values, as they are written
+        if stage is not None:
+            return stage
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     try:
@@ -118,33 +131,58 @@ def parse_stage(raw: str | int | float | None) -> StandardStage | None:
 
 # --- wire -> canonical -------------------------------------------------------------------------
 
+# Enum lookups by value as plain dicts: ``Status(text)`` goes through EnumMeta.__call__ (a listing
+# converts every referral). Same members, same misses.
+_STATUS = {s.value: s for s in Status}
+_SUBSTATUS = {s.value: s for s in Substatus}
+_REGISTRATION = {s.value: s for s in RegistrationState}
+_HELP = {h.value: h for h in HelpType}
 
-def _contact(member: Member) -> Contact:
-    fields = {
-        "first_name": member.first_name or "",
-        "last_name": member.last_name or "",
-        "email": member.email or "",
-        "phone": member.phone_number or "",
-        "title": member.title or "",
-    }
+
+def _person(first_name: str, last_name: str, email: str, phone: str, title: str) -> Contact:
+    # Not cached, though the same sellers recur: customer contacts pass here too, and a daemon must
+    # not hold them beyond the record being read.
     try:
-        return Contact(**fields)
+        return Contact(first_name=first_name, last_name=last_name, email=email, phone=phone, title=title)
     except ValueError:
         # Live records carry redacted or malformed emails; the raw referral keeps the original.
-        return Contact(**{**fields, "email": ""})
+        return Contact(first_name=first_name, last_name=last_name, email="", phone=phone, title=title)
+
+
+def _contact(member: Member) -> Contact:
+    return _person(
+        member.first_name or "",
+        member.last_name or "",
+        member.email or "",
+        member.phone_number or "",
+        member.title or "",
+    )
 
 
 def _solution(tag: SolutionTag) -> Solution | None:
-    if not (tag.id or "").strip():
+    return _solution_of(tag.id or "", tag.name or "", tag.type, tag.solution_type or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _solution_of(tag_id: str, name: str, tag_type: str | None, solution_type: str) -> Solution | None:
+    # Cached: a Solution is immutable and the same few solutions are on many referrals.
+    if not tag_id.strip():
         return None
     # Whose solution it is is not on the wire; a heuristic from solutionType / type (§5.2).
-    if (tag.solution_type or "").upper() == "3P":
+    if solution_type.upper() == "3P":
         kind = SolutionKind.THIRD_PARTY
-    elif tag.type == "Category" or not (tag.id or "").upper().startswith("SOL-"):
+    elif tag_type == "Category" or not tag_id.upper().startswith("SOL-"):
         kind = SolutionKind.MICROSOFT
     else:
         kind = SolutionKind.OWN
-    return Solution(kind=kind, id=tag.id or "", name=tag.name or "")
+    return Solution(kind=kind, id=tag_id, name=name)
+
+
+def _duns(ids: list[CustomerId] | None) -> str | None:
+    for i in ids or ():
+        if i.profile_type == "Duns" and (i.id or "").isdigit():
+            return i.id if len(i.id or "") == 9 else None  # the first digits-only Duns id decides
+    return None
 
 
 def _customer(ref: Referral) -> Customer | None:
@@ -152,10 +190,6 @@ def _customer(ref: Referral) -> Customer | None:
     if profile is None or not (profile.name or "").strip() or profile.address is None:
         return None
     a = profile.address
-    duns = next(
-        (i.id for i in profile.ids or () if i.profile_type == "Duns" and (i.id or "").isdigit()),
-        None,
-    )
     try:
         return Customer(
             name=profile.name or "",
@@ -168,7 +202,7 @@ def _customer(ref: Referral) -> Customer | None:
                 postal_code=a.postal_code or "",
                 region=a.region or "",
             ),
-            duns=duns if duns and len(duns) == 9 else None,
+            duns=_duns(profile.ids),
             size=profile.size or "",
         )
     except ValueError:
@@ -202,38 +236,46 @@ def _direction(ref: Referral) -> Direction:
 
 
 def _help(ref: Referral) -> HelpType | None:
+    # "Unknown" means no help; other values are enum drift, kept raw on the referral
     code = ref.invite_context.assistance_request_code if ref.invite_context else None
-    try:
-        return HelpType(code) if code else None
-    except ValueError:  # "Unknown" means no help; other values are enum drift, kept raw on the referral
-        return None
+    return _HELP.get(code) if code else None
 
 
 def _registration(raw: str | None) -> RegistrationState:
     if not raw:
         return RegistrationState.NONE
-    try:
-        return RegistrationState(raw)
-    except ValueError:
-        return RegistrationState.OTHER
+    return _REGISTRATION.get(raw, RegistrationState.OTHER)
+
+
+def _solutions(details: Details | None) -> tuple[Solution, ...]:
+    tags = details.requirements.solutions if details and details.requirements else None
+    if not tags:
+        return ()
+    out = []
+    for tag in tags:
+        solution = _solution(tag)
+        if solution is not None:
+            out.append(solution)
+    return tuple(out)
 
 
 def referral_to_deal(ref: Referral) -> Deal:
     """The canonical deal a referral describes. Raises :class:`RecordError` for a referral that cannot
     be represented (an unknown status), so a page isolates it instead of failing."""
-    rid = ref.id or ""
-    try:
-        status = Status(ref.status or "None")
-        substatus = Substatus(ref.substatus or "None")
-    except ValueError:
+    status = _STATUS.get(ref.status or "None")
+    substatus = _SUBSTATUS.get(ref.substatus or "None")
+    if status is None or substatus is None:
+        rid = ref.id or ""
         raise RecordError(
             f"referral {rid}: unknown status {ref.status!r}/{ref.substatus!r}",
             record_id=rid,
             cause="pc-unknown-status",
-        ) from None
+        )
     details = ref.details
     consent = ref.consent
+    profile = ref.customer_profile
     closing = details.closing_date_time if details else None
+    created, updated = ref.created_date_time, ref.updated_date_time
     deal = Deal(
         name=ref.name or "",
         direction=_direction(ref),
@@ -245,32 +287,26 @@ def referral_to_deal(ref: Referral) -> Deal:
         external_reference_id=ref.crm_reference,
         sales_stage=parse_stage(ref.sales_stage),
         customer=_customer(ref),
-        customer_contact=_contact(ref.customer_profile.team[0])
-        if ref.customer_profile and ref.customer_profile.team
-        else None,
+        customer_contact=_contact(profile.team[0]) if profile and profile.team else None,
         contact_consent=bool(consent and consent.consent_to_share_info_with_others),
         value=_value(ref),
         close_date=parse_utc(closing).date() if closing else None,
         notes=(details.notes if details else None) or "",
         campaign_id=ref.campaign_id or None,
         status_reason=ref.status_reason,
-        team=tuple(_contact(m) for m in ref.team or ()),
-        solutions=tuple(
-            s
-            for s in (
-                _solution(t)
-                for t in (details.requirements.solutions or () if details and details.requirements else ())
-            )
-            if s is not None
-        ),
+        team=tuple([_contact(m) for m in ref.team]) if ref.team else (),
+        solutions=_solutions(details),
         help_requested=_help(ref),
         share_with_microsoft=bool(consent and consent.consent_to_share_referral_with_microsoft_sellers),
         registration=_registration(ref.registration_status),
-        created_at=parse_utc(ref.created_date_time) if ref.created_date_time else None,
-        updated_at=parse_utc(ref.updated_date_time) if ref.updated_date_time else None,
+        created_at=parse_utc(created) if created else None,
+        updated_at=parse_utc(updated) if updated else None,
         version=VersionTag(SYSTEM, ref.e_tag) if ref.e_tag else None,
     )
-    return dataclasses.replace(deal, deal_type=derive_deal_type(deal))
+    # The type follows from the flags just read. Set on the new, not yet shared, instance rather
+    # than through dataclasses.replace, which would build (and check) the whole deal a second time.
+    object.__setattr__(deal, "deal_type", derive_deal_type(deal))
+    return deal
 
 
 # --- canonical -> wire -------------------------------------------------------------------------

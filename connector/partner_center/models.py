@@ -20,6 +20,7 @@ Timestamps stay as the server's text (validated): the server writes 7 fractional
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -82,10 +83,13 @@ def _match_utc(text: str) -> re.Match[str]:
     return match
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_utc(text: str) -> datetime:
     """An aware UTC datetime from the server's text (0–7 fractional digits, ``Z`` or an offset).
 
     The 7th digit (100 ns) does not fit a datetime and is dropped; :func:`utc_ticks` keeps it.
+    Cached: a pure function of the text with an immutable result, and a referral repeats its
+    timestamps (created = updated = accepted on a create, one closing date for many deals).
     """
     m = _match_utc(text)
     frac = (m["frac"] or "").ljust(6, "0")[:6]
@@ -109,9 +113,17 @@ def format_utc(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond:06d}0Z"
 
 
-def _check_utc(text: str) -> str:
+@functools.lru_cache(maxsize=4096)
+def _valid_utc(text: str) -> bool:
+    # Cached (a failure raises, and is never cached): a referral repeats its timestamps
+    # (created = updated = accepted on a create), and so do many referrals (closing dates).
     _match_utc(text)
-    return text
+    return True
+
+
+def _check_utc(text: str) -> str:
+    _valid_utc(text)
+    return text  # the input itself: the cache holds no value that reaches a model
 
 
 def _to_decimal(value: Any) -> Any:
@@ -460,28 +472,51 @@ def wire_dump(model: BaseModel) -> Any:
     return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
+#: per model class: (attribute, wire key) of each declared field that is not read-only, in declared
+#: order (the order of the body's keys). Unknown keys are never declared, so never here.
+_WRITABLE: dict[type[_Wire], tuple[tuple[str, str], ...]] = {}
+#: types :func:`_known` gives back as they are (checked exactly: subclasses take the general path)
+_PLAIN: frozenset[type] = frozenset({str, int, bool, float, type(None)})
+
+
+def _writable(cls: type[_Wire]) -> tuple[tuple[str, str], ...]:
+    plan = _WRITABLE.get(cls)
+    if plan is None:
+        plan = _WRITABLE[cls] = tuple(
+            (name, info.serialization_alias or info.alias or name)
+            for name, info in cls.model_fields.items()
+            if name not in cls.read_only
+        )
+    return plan
+
+
+def _known_fields(model: _Wire, plan: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    # Fields are in the instance __dict__ (pydantic v2), unknown keys in __pydantic_extra__.
+    fields_set = model.__pydantic_fields_set__
+    values = model.__dict__
+    out: dict[str, Any] = {}
+    for name, key in plan:
+        if name in fields_set:
+            value = values[name]
+            out[key] = value if type(value) in _PLAIN else _known(value)
+    return out
+
+
 def _known(value: Any) -> Any:
+    """``value`` in wire form with only its set, declared, writable fields, at every depth."""
     if isinstance(value, _Wire):
-        out: dict[str, Any] = {}
-        fields = type(value).model_fields
-        for name, info in fields.items():  # declared order; unknown keys are never in `fields`
-            if name not in value.model_fields_set or name in type(value).read_only:
-                continue
-            out[info.serialization_alias or info.alias or name] = _known(getattr(value, name))
-        return out
+        return _known_fields(value, _writable(type(value)))
     if isinstance(value, list):
-        return [_known(v) for v in value]
+        return [v if type(v) in _PLAIN else _known(v) for v in value]
     if isinstance(value, Decimal):
         return json_number(value)
     return value
 
 
+#: the top level of a create: the allow-list, in declared order
+_CREATE_PLAN = tuple((name, key) for name, key in _writable(Referral) if name in CREATE_FIELDS)
+
+
 def create_body(referral: Referral) -> dict[str, Any]:
     """The POST body: allow-listed top-level fields, sub-objects without unknown or read-only keys."""
-    body = _known(referral)
-    allowed = {
-        Referral.model_fields[name].alias or name
-        for name in CREATE_FIELDS
-        if name in referral.model_fields_set
-    }
-    return {k: v for k, v in body.items() if k in allowed}
+    return _known_fields(referral, _CREATE_PLAN)
