@@ -642,9 +642,7 @@ class SyncEngine:
             self._settled.discard(crm_id)
             self._need_report().counts["unchanged"] += 1
 
-    def _listed_as_last_synced(
-        self, head: LinkHead | None, side: System, item: Listed, keyed: str
-    ) -> bool:
+    def _listed_as_last_synced(self, head: LinkHead | None, side: System, item: Listed, keyed: str) -> bool:
         """:meth:`_as_last_synced` for a record still only listed: by its fingerprint against the one
         noted when its content was last found equal to the merge base (any edit since, even one that
         somehow kept a referral's eTag, changes it), and for a referral its eTag too."""
@@ -652,9 +650,7 @@ class SyncEngine:
             return False
         if side is System.PARTNER_CENTER:
             settled = (
-                item.version is not None
-                and item.version == head.pc_version
-                and keyed == head.pc_fingerprint
+                item.version is not None and item.version == head.pc_version and keyed == head.pc_fingerprint
             )
         else:
             settled = keyed == head.crm_fingerprint
