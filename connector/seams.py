@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Protocol
 
 from connector.domain.model import Deal
@@ -56,12 +57,18 @@ class Listed:
     record_id: str
     #: the remote's concurrency token as listed (an eTag)
     version: str | None
-    #: a digest of the record's whole content as listed: equal digests, equal records
-    fingerprint: str
     #: the id this record carries of its other side (a referral's ``externalReferenceId``)
     reference: str | None
+    #: the record as listed (JSON), whole
+    content: Mapping[str, Any]
     #: the conversion; raises :class:`~connector.errors.RecordError` for a record it cannot read
     read: Callable[[], Deal]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the whole content: equal digests, equal records. Computed when first asked
+        (a record with no link to compare it with never needs it)."""
+        return fingerprint(self.content)
 
 
 def fingerprint(record: Mapping[str, Any]) -> str:

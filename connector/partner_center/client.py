@@ -68,7 +68,7 @@ from connector.remote.http import USER_AGENT, http_client
 from connector.remote.retry import RetryPolicy
 from connector.remote.session import ApiSession
 from connector.remote.tokens import TokenProvider
-from connector.seams import ChangePage, Listed, RecordFailure, ReferralStore, fingerprint
+from connector.seams import ChangePage, Listed, RecordFailure, ReferralStore
 from connector.settings import Settings
 
 __all__ = ["PartnerCenterClient", "PartnerCenterPermissionError", "ReferralPage"]
@@ -603,8 +603,8 @@ def _change_page(items: list[Any], cursor: str | None) -> ChangePage:
             Listed(
                 record_id=rid,
                 version=etag if isinstance(etag, str) and etag else None,
-                fingerprint=fingerprint(item),
                 reference=reference if isinstance(reference, str) and reference else None,
+                content=item,
                 read=functools.partial(_read, item),
             )
         )

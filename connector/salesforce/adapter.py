@@ -135,7 +135,6 @@ from connector.seams import (
     Listed,
     RecordFailure,
     WriteResult,
-    fingerprint,
 )
 from connector.settings import SalesforceCrm
 
@@ -1101,10 +1100,10 @@ class SalesforceAdapter:
         return Listed(
             record_id=rid,
             version=stamp if isinstance(stamp, str) else None,
+            reference=str(referral) if referral else None,
             # the whole record as read, its relationship fields and subqueries included: a child
             # list still paged (nextRecordsUrl) carries a fresh locator, so it never matches
-            fingerprint=fingerprint(rec),
-            reference=str(referral) if referral else None,
+            content=rec,
             read=partial(self._read_row, run, rec, rel),
         )
 

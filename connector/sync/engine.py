@@ -502,17 +502,20 @@ class SyncEngine:
         out: list[Deal] = []
         for item in listed:
             head = heads.get(item.record_id)
-            keyed = hashlib.blake2b(
-                item.fingerprint.encode(), key=self._reading_key, digest_size=16
-            ).hexdigest()
-            if self._listed_as_last_synced(head, side, item, keyed):
-                continue
+            keyed = None
+            if head is not None:  # no link, nothing to compare a fingerprint with nor to note it on
+                keyed = hashlib.blake2b(
+                    item.fingerprint.encode(), key=self._reading_key, digest_size=16
+                ).hexdigest()
+                if self._quiet(head, side) and self._listed_as_last_synced(head, side, item, keyed):
+                    continue
             try:
                 deal = item.read()
             except RecordError as exc:
                 self._fail(side, item.record_id, exc)
                 continue
-            fingerprints[item.record_id] = keyed
+            if keyed is not None:
+                fingerprints[item.record_id] = keyed
             out.append(deal)
         return out
 
@@ -642,12 +645,10 @@ class SyncEngine:
             self._settled.discard(crm_id)
             self._need_report().counts["unchanged"] += 1
 
-    def _listed_as_last_synced(self, head: LinkHead | None, side: System, item: Listed, keyed: str) -> bool:
+    def _listed_as_last_synced(self, head: LinkHead, side: System, item: Listed, keyed: str) -> bool:
         """:meth:`_as_last_synced` for a record still only listed: by its fingerprint against the one
         noted when its content was last found equal to the merge base (any edit since, even one that
         somehow kept a referral's eTag, changes it), and for a referral its eTag too."""
-        if head is None or not self._quiet(head, side):
-            return False
         if side is System.PARTNER_CENTER:
             settled = (
                 item.version is not None and item.version == head.pc_version and keyed == head.pc_fingerprint
