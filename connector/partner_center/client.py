@@ -281,7 +281,9 @@ class PartnerCenterClient:
 
     def _referral(self, response: httpx.Response, record_id: str) -> Referral:
         try:
-            return Referral.model_validate(response.json())
+            # parsed and validated in one pass by pydantic-core (JSON mode), not json.loads first:
+            # the answer to every create and update comes through here
+            return Referral.model_validate_json(response.content)
         except (ValueError, ValidationError) as exc:
             raise RecordError(
                 f"Partner Center answered an unreadable referral {record_id}: {type(exc).__name__}",

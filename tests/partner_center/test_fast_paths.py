@@ -236,3 +236,37 @@ def test_plans_list_only_declared_writable_fields() -> None:
         plan = models._writable(cls)
         assert [n for n, _ in plan] == [n for n in cls.model_fields if n not in cls.read_only]
     assert "is_matching_complete" not in dict(models._writable(models.CustomerProfile))
+
+
+_ANSWERS = [
+    "create-referral-response.json",
+    "get-referral-response.json",
+    "referral-real-closed-won-ppe.json",
+    "referral-real-inbound-active-accepted.json",
+    *[f"create-{kind}.json" for kind in ("referral-request", "private-referral-request")],
+]
+
+
+@pytest.mark.parametrize("name", _ANSWERS)
+@pytest.mark.parametrize("deal_value", [None, 12345.5, "12345.50", 10**20 + 0.5, "1e3"])
+def test_an_answer_read_in_json_mode_is_the_answer_read_from_python(name: str, deal_value: Any) -> None:
+    """The client validates answers straight from their bytes (JSON mode); it must read exactly
+    what json.loads + model_validate read, quirks included."""
+    from pathlib import Path
+
+    from connector.partner_center.convert import referral_to_deal
+    from connector.partner_center.models import wire_dump
+
+    doc = json.loads((Path(__file__).parents[1] / "fixtures" / "partner_center" / name).read_text())
+    if deal_value is not None:
+        doc.setdefault("details", {})["dealValue"] = deal_value
+    raw = json.dumps(doc).encode()
+    from_json, from_python = Referral.model_validate_json(raw), Referral.model_validate(json.loads(raw))
+    assert wire_dump(from_json) == wire_dump(from_python)
+    try:
+        expected = referral_to_deal(from_python)
+    except Exception as exc:  # noqa: BLE001 - the same refusal either way
+        with pytest.raises(type(exc)):
+            referral_to_deal(from_json)
+    else:
+        assert referral_to_deal(from_json) == expected
