@@ -1079,18 +1079,20 @@ class SalesforceAdapter:
         """Each record, in order, as its cursor key (SystemModstamp, Id) and what it became: a row,
         a failure, or (``IsDeleted``) its id."""
         live = [r for r in records if not r.get("IsDeleted")]
-        rel = self._nested_related(live)
+        # listed lazily, a record's related data is gathered only if it is converted (most of a full
+        # reconciliation's are not)
+        rel = None if run.lazy else self._nested_related(live)
         return [
             (
                 (rec["SystemModstamp"], str(rec["Id"])),
                 str(rec["Id"])
                 if rec.get("IsDeleted")
-                else (self._listed(run, rec, rel) if run.lazy else self._convert_one(run, rec, rel)),
+                else (self._listed(run, rec) if rel is None else self._convert_one(run, rec, rel)),
             )
             for rec in records
         ]
 
-    def _listed(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> Listed | RecordFailure:
+    def _listed(self, run: _Run, rec: Mapping[str, Any]) -> Listed | RecordFailure:
         try:
             rid = soql.sf_id(rec["Id"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -1104,11 +1106,11 @@ class SalesforceAdapter:
             # the whole record as read, its relationship fields and subqueries included: a child
             # list still paged (nextRecordsUrl) carries a fresh locator, so it never matches
             content=rec,
-            read=partial(self._read_row, run, rec, rel),
+            read=partial(self._read_row, run, rec),
         )
 
-    def _read_row(self, run: _Run, rec: Mapping[str, Any], rel: _Related) -> Deal:
-        got = self._convert_one(run, rec, rel)
+    def _read_row(self, run: _Run, rec: Mapping[str, Any]) -> Deal:
+        got = self._convert_one(run, rec, self._nested_related([rec]))
         if isinstance(got, RecordFailure):
             raise RecordError(got.detail, record_id=got.record_id, cause=got.cause)
         return got.deal

@@ -306,9 +306,9 @@ def test_an_opportunity_listed_as_last_synced_is_not_converted_until_its_content
     converted: list[str] = []
     real = SalesforceAdapter._read_row
 
-    def counting(self: SalesforceAdapter, run_: Any, rec: Any, rel: Any) -> Any:
+    def counting(self: SalesforceAdapter, run_: Any, rec: Any) -> Any:
         converted.append(str(rec["Id"]))
-        return real(self, run_, rec, rel)
+        return real(self, run_, rec)
 
     monkeypatch.setattr(SalesforceAdapter, "_read_row", counting)
     assert run(full=True).counts["unchanged"] == 3 and converted == []
