@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -343,6 +344,7 @@ class DynamicsAdapter:
         self._now = now or (lambda: datetime.now(UTC))
         self._meta: _Metadata | None = None
         self._meta_read_at: datetime | None = None
+        self._meta_lock = threading.RLock()
         self._currencies: dict[str, str] = {}  # transactioncurrencyid -> ISO code (stable)
         self._tracking_known_off = not options.change_tracking
 
@@ -444,10 +446,12 @@ class DynamicsAdapter:
     def _metadata(self) -> _Metadata:
         """The option sets, re-read once ``metadata_ttl`` has passed: orgs change their stages (prior-art
         §5 class 4), but an adapter kept across runs must not pay three metadata reads every few minutes."""
-        fresh = (
-            self._meta_read_at is not None and self._now() - self._meta_read_at < self.options.metadata_ttl
-        )
-        return self._meta if self._meta is not None and fresh else self._load_metadata()
+        with self._meta_lock:  # the listing (its own thread) and the engine's reads may ask at once
+            fresh = (
+                self._meta_read_at is not None
+                and self._now() - self._meta_read_at < self.options.metadata_ttl
+            )
+            return self._meta if self._meta is not None and fresh else self._load_metadata()
 
     def refresh_metadata(self) -> None:
         """Read the option sets again at the next use (e.g. after `cosell doctor` found a change)."""

@@ -75,6 +75,7 @@ import io
 import itertools
 import json
 import re
+import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -503,7 +504,10 @@ class SalesforceAdapter:
         self._session = requests_session(ca_bundle, proxies=proxies)
         self._session.hooks["response"].append(self._on_response)
         self._sf: Salesforce | None = None
-        self._server_date: datetime | None = None  # the latest response's Date (the signpost's source)
+        # the latest response's Date, per thread: the signpost is the Date of the listing's own first
+        # query, never of a read the engine made meanwhile on another thread
+        self._dates = threading.local()
+        self._meta_lock = threading.RLock()
         self._run: _Run | None = None
         # Metadata age is judged on this clock (tests pass the twin's); it never feeds a cursor.
         self._now = now or (lambda: datetime.now(UTC))
@@ -580,6 +584,15 @@ class SalesforceAdapter:
         return conds
 
     # --- plumbing ---------------------------------------------------------------------------------
+    @property
+    def _server_date(self) -> datetime | None:
+        date: datetime | None = getattr(self._dates, "latest", None)
+        return date
+
+    @_server_date.setter
+    def _server_date(self, value: datetime | None) -> None:
+        self._dates.latest = value
+
     def _on_response(self, response: requests.Response, *args: object, **kwargs: object) -> None:
         path = response.request.path_url if response.request is not None else ""
         self.calls.record(SYSTEM, _operation(path), response.status_code)
@@ -699,14 +712,15 @@ class SalesforceAdapter:
     def _metadata(self, *, run_start: bool = False) -> _Metadata:
         """The cached metadata, read again when missing or older than ``metadata_ttl`` — and, at a
         run's start, when a refused write said the org changed (so that happens once per run)."""
-        meta = self._meta
-        if (
-            meta is None
-            or (run_start and self._meta_stale)
-            or self._now() - meta.read_at >= self._crm.metadata_ttl
-        ):
-            meta = self._meta = self._load_metadata()
-        return meta
+        with self._meta_lock:  # the listing (its own thread) and the engine's reads may ask at once
+            meta = self._meta
+            if (
+                meta is None
+                or (run_start and self._meta_stale)
+                or self._now() - meta.read_at >= self._crm.metadata_ttl
+            ):
+                meta = self._meta = self._load_metadata()
+            return meta
 
     def _load_metadata(self) -> _Metadata:
         read_at = self._now()

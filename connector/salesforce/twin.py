@@ -1091,6 +1091,11 @@ class SalesforceTwin(Twin):
         }
         if not body["done"]:
             body["nextRecordsUrl"] = f"/services/data/{version}/{kind}/{locator_id}-{end}"
+        else:
+            # A cursor read to its end is closed, as Salesforce's are: asking it again is
+            # INVALID_QUERY_LOCATOR. Kept, a full read of 100,000 nested records stayed in the twin.
+            with self._data_lock:
+                self._locators.pop(locator_id, None)
         return TwinResponse(200, body)
 
     # --- sobjects ---------------------------------------------------------------------------------

@@ -36,7 +36,15 @@ from connector.domain.model import Deal
 from connector.errors import ConflictError, RecordError, RetryLater, RuleViolation
 from connector.logs import _scrub
 from connector.mappings import MappingSet
-from connector.seams import CrmAdapter, CrmChange, Listed, RecordFailure, ReferralStore, fingerprint
+from connector.seams import (
+    ChangePage,
+    CrmAdapter,
+    CrmChange,
+    Listed,
+    RecordFailure,
+    ReferralStore,
+    fingerprint,
+)
 from connector.settings import Connection
 from connector.state import (
     AuditEntry,
@@ -60,7 +68,7 @@ from connector.sync.plan import (
     pc_side_settled,
     plan_pair,
 )
-from connector.sync.read_ahead import read_ahead
+from connector.sync.read_ahead import ReadAhead, read_ahead
 
 __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 
@@ -250,8 +258,13 @@ class SyncEngine:
                 self._seen_referrals, self._seen_opportunities = set(), set()
                 self._by_reference, self._more_by_reference = {}, {}
                 counts_before = Counter(report.counts)
-                self._pc_phase(full)
-                self._crm_phase(full)
+                crm_cursor = None if full else self.store.cursor(self.name, CRM_CURSOR)
+                # The CRM listing starts now, on its own thread, so the CRM answers while the
+                # Partner Center phase runs; its pages are reconciled after that phase, as before
+                # (what that phase wrote to the CRM is skipped there as touched).
+                with ReadAhead(self.crm.changes(crm_cursor)) as crm_pages:
+                    self._pc_phase(full)
+                    self._crm_phase(full, crm_pages)
                 if self._settled:
                     report.counts["unchanged"] += len(self._settled)
                 if full:
@@ -304,10 +317,9 @@ class SyncEngine:
             self._commit_cursor(PC_CURSOR, page.cursor)
         self._fingerprints = {}
 
-    def _crm_phase(self, full: bool) -> None:
+    def _crm_phase(self, full: bool, pages: Iterable[ChangePage]) -> None:
         report = self._need_report()
-        cursor = None if full else self.store.cursor(self.name, CRM_CURSOR)
-        for page in read_ahead(self.crm.changes(cursor)):
+        for page in pages:
             report.full_resync |= page.full_resync
             self._failures(System.CRM, page.failures)
             if full:

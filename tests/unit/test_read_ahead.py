@@ -70,3 +70,36 @@ def test_the_worker_sees_the_callers_context() -> None:
         yield var.get()
 
     assert list(read_ahead(pages())) == ["run-1"]
+
+
+def test_a_started_listing_is_read_at_once_and_closed_unread_when_the_run_stops_first() -> None:
+    from connector.sync.read_ahead import ReadAhead
+
+    asked, closed = threading.Event(), threading.Event()
+
+    def pages() -> Iterator[int]:
+        try:
+            asked.set()
+            yield 0
+            yield 1
+        finally:
+            closed.set()
+
+    with ReadAhead(pages()) as ahead:
+        assert asked.wait(5)  # asked for before anyone iterates (while the other phase runs)
+    assert closed.is_set()
+    assert list(ahead) == []  # closed: nothing more comes
+
+
+def test_a_started_listing_gives_its_pages_then_its_error() -> None:
+    from connector.sync.read_ahead import ReadAhead
+
+    def pages() -> Iterator[int]:
+        yield 0
+        raise RuntimeError("the listing broke")
+
+    ahead = ReadAhead(pages())
+    assert next(ahead) == 0
+    with pytest.raises(RuntimeError, match="broke"):
+        next(ahead)
+    assert list(ahead) == []
