@@ -312,7 +312,7 @@ class PartnerCenterClient:
     ) -> Iterator[ReferralPage]:
         """Every page of a listing, one request per page, following ``@odata.nextLink`` (§2.2)."""
         for raw in self._raw_pages(filters=filters, orderby=orderby, operation=operation):
-            yield dataclasses.replace(_page(raw.items, raw.next_link), listing_started=raw.listing_started)
+            yield _page(raw)
 
     def _raw_pages(
         self, *, filters: tuple[str, ...], orderby: str | None, operation: str
@@ -579,15 +579,20 @@ def _older(item: Any, floor: int) -> bool:
         return False  # kept: reading it reports it
 
 
-def _read(item: Any) -> Deal:
-    rid = str(item.get("id", "")) if isinstance(item, dict) else ""
+def _validated(item: Any) -> Referral:
+    """One listed item as a referral; an item that does not validate is named, with its count of
+    invalid fields (the listing goes on without it)."""
     try:
-        ref = Referral.model_validate(item)
+        return Referral.model_validate(item)
     except ValidationError as exc:
+        rid = str(item.get("id", "")) if isinstance(item, dict) else ""
         raise RecordError(
             f"{exc.error_count()} invalid field(s)", record_id=rid, cause="pc-unreadable"
         ) from None
-    return referral_to_deal(ref)
+
+
+def _read(item: Any) -> Deal:
+    return referral_to_deal(_validated(item))
 
 
 def _change_page(items: list[Any], cursor: str | None) -> ChangePage:
@@ -613,27 +618,16 @@ def _change_page(items: list[Any], cursor: str | None) -> ChangePage:
     return ChangePage(deals=(), failures=tuple(failures), cursor=cursor, listed=tuple(listed))
 
 
-def _page(items: Any, next_link: Any) -> ReferralPage:
+def _page(raw: _RawPage) -> ReferralPage:
     referrals: list[Referral] = []
     failures: list[RecordFailure] = []
-    newest: str | None = None
-    for item in items if isinstance(items, list) else ():
-        raw = item.get("updatedDateTime") if isinstance(item, dict) else None
+    for item in raw.items:
         try:
-            ref = Referral.model_validate(item)
-        except ValidationError as exc:
-            rid = str(item.get("id", "")) if isinstance(item, dict) else ""
-            failures.append(RecordFailure(rid, "pc-unreadable", f"{exc.error_count()} invalid field(s)"))
-        else:
-            referrals.append(ref)
-        if isinstance(raw, str):
-            with contextlib.suppress(ValueError):  # reported as unreadable above; the cursor skips it
-                newest = _later(newest, raw)
+            referrals.append(_validated(item))
+        except RecordError as exc:
+            failures.append(RecordFailure(exc.record_id, exc.cause, str(exc)))
     return ReferralPage(
-        tuple(referrals),
-        tuple(failures),
-        next_link if isinstance(next_link, str) and next_link else None,
-        newest,
+        tuple(referrals), tuple(failures), raw.next_link, raw.max_updated, raw.listing_started
     )
 
 
