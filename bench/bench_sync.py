@@ -196,6 +196,10 @@ class Phase:
         from connector.state import open_store
 
         configure_logging("console", "WARNING")
+        import connector.sync.factory  # noqa: F401 - what `cosell` has imported when it settles
+        from connector.process import settle_collector
+
+        settle_collector()  # as `cosell` does at start (connector/process.py)
         self.args = args
         self.settings = load_settings(Path(args.config))
         self.control = Control(args.control)

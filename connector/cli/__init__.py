@@ -18,6 +18,7 @@ from rich.console import Console
 from connector import __version__
 from connector.errors import ConfigError, CosellError, RetryLater
 from connector.logs import configure_logging
+from connector.process import settle_collector
 from connector.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     Typer/click handle usage errors themselves (exit 2); our errors are mapped here.
     """
     _register()
+    settle_collector()  # after the command modules' imports: see connector/process.py
     # Logs go to stderr, redacted, from the first line on; the config's format and level apply once
     # it is loaded. stdout is for what the command prints.
     configure_logging("auto", "WARNING")
