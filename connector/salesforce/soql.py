@@ -71,11 +71,16 @@ _UPPER_BITS = str.maketrans({**{chr(c): "1" for c in range(65, 91)}, **{chr(c): 
                              **{chr(c): "0" for c in range(97, 123)}})  # fmt: skip
 
 
+#: a 5-character chunk's case pattern (as _UPPER_BITS writes it, first character first) -> its
+#: checksum character: bit i of the chunk's number is character i
+_CHUNK_CHECKSUM = {format(n, "05b")[::-1]: _CHECKSUM_ALPHABET[n] for n in range(32)}
+
+
 def id_checksum(id15: str) -> str:
     """The three-character suffix that makes a 15-character id case-insensitive-safe: for each
     5-character chunk, the bit i is set when character i is upper case."""
     bits = id15.translate(_UPPER_BITS)  # in C: a full read checks every id it lists
-    return "".join(_CHECKSUM_ALPHABET[int(bits[i : i + 5][::-1], 2)] for i in (0, 5, 10))
+    return _CHUNK_CHECKSUM[bits[:5]] + _CHUNK_CHECKSUM[bits[5:10]] + _CHUNK_CHECKSUM[bits[10:15]]
 
 
 def sf_id(value: object) -> str:

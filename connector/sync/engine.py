@@ -23,7 +23,6 @@ import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,6 +68,7 @@ from connector.sync.plan import (
     plan_pair,
 )
 from connector.sync.read_ahead import ReadAhead, read_ahead
+from connector.sync.threads import map_in_threads
 
 __all__ = ["PlannedRecord", "RunReport", "SyncEngine"]
 
@@ -783,11 +783,7 @@ class SyncEngine:
         # The requests of different records are independent (one record's stay in order): they go
         # out on a few threads so the page does not wait on one round trip at a time.
         workers = min(self.connection.partner_center.max_concurrency, sum(1 for w in works if w.ops))
-        if workers > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix=f"cosell-{self.name}") as pool:
-                outcomes = list(pool.map(self._send_ops, works))
-        else:
-            outcomes = [self._send_ops(work) for work in works]
+        outcomes = map_in_threads(self._send_ops, works, workers, name=f"cosell-{self.name}")
         fatal: BaseException | None = None
         for work, (sent, current, error) in zip(works, outcomes, strict=True):
             if error is not None and not isinstance(error, ConflictError | RuleViolation | RecordError):
