@@ -52,13 +52,12 @@ from connector.errors import (
 from connector.partner_center.convert import (
     SYSTEM,
     StageFormat,
-    deal_to_referral,
+    create_request_body,
     patch_operations,
     referral_to_deal,
 )
 from connector.partner_center.models import (
     Referral,
-    create_body,
     format_utc,
     parse_utc,
     utc_ticks,
@@ -468,7 +467,7 @@ class PartnerCenterClient:
                 "pc.create_adopted", crm_id=crm_ref, referral_id=existing.referral_id, request_id=request_id
             )
             return existing
-        body = json.dumps(create_body(deal_to_referral(deal, self.stage_format)))
+        body = json.dumps(create_request_body(deal, self.stage_format))
         headers = self._headers(request_id, write=True)
         outcome_unknown = False
         for attempt in self.session.policy.retrying():

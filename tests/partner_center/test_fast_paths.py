@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
+import re
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -23,10 +25,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from connector.domain.model import StandardStage
+from connector.domain.model import (
+    Contact,
+    Deal,
+    HelpType,
+    Money,
+    Solution,
+    SolutionKind,
+    StandardStage,
+    Status,
+    Substatus,
+)
 from connector.domain.rules import derive_deal_type
+from connector.errors import RecordError
 from connector.partner_center import convert, models
-from connector.partner_center.convert import STAGE_WORDS, parse_stage, referral_to_deal
+from connector.partner_center.convert import STAGE_WORDS, StageFormat, parse_stage, referral_to_deal
 from connector.partner_center.models import (
     CREATE_FIELDS,
     Details,
@@ -270,3 +283,63 @@ def test_an_answer_read_in_json_mode_is_the_answer_read_from_python(name: str, d
             referral_to_deal(from_json)
     else:
         assert referral_to_deal(from_json) == expected
+
+
+# --- create_request_body: the POST body straight from the deal -----------------------------------
+
+_SOME_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+
+
+@st.composite
+def _deals(draw: st.DrawFn) -> Deal:
+    """A documented referral read as a deal, with the fields a create sends varied."""
+    deal = referral_to_deal(Referral.model_validate(fixture_json(draw(st.sampled_from(REFERRALS)))))
+    status, substatus = draw(
+        st.sampled_from([(Status.NONE, Substatus.NONE), (Status.NEW, Substatus.PENDING),
+                         (Status.ACTIVE, Substatus.ACCEPTED), (deal.status, deal.substatus)])
+    )  # fmt: skip
+    contacts = st.builds(Contact, _SOME_TEXT, _SOME_TEXT, st.sampled_from(["", "a@b.example"]), _SOME_TEXT,
+                         _SOME_TEXT)  # fmt: skip
+    solutions = st.builds(
+        Solution, st.sampled_from(list(SolutionKind)), st.text("abcdef0123456789-", min_size=1, max_size=36),
+        _SOME_TEXT,
+    )  # fmt: skip
+    return dataclasses.replace(
+        deal,
+        name=draw(_SOME_TEXT),
+        status=status,
+        substatus=substatus,
+        engagement_id=draw(st.none() | _SOME_TEXT),
+        external_reference_id=draw(st.none() | _SOME_TEXT),
+        crm_id=draw(st.none() | _SOME_TEXT),
+        campaign_id=draw(st.none() | _SOME_TEXT),
+        status_reason=draw(st.none() | _SOME_TEXT),
+        notes=draw(_SOME_TEXT),
+        sales_stage=draw(st.none() | st.sampled_from(list(StandardStage))),
+        value=draw(
+            st.none() | st.builds(Money, st.decimals(0, 10**12, places=2), st.sampled_from(["USD", "EUR"]))
+        ),
+        close_date=draw(st.none() | st.dates(date(2020, 1, 1), date(2035, 12, 31))),
+        help_requested=draw(st.none() | st.sampled_from(list(HelpType))),
+        share_with_microsoft=draw(st.booleans()),
+        contact_consent=draw(st.booleans()),
+        team=tuple(draw(st.lists(contacts, max_size=3))),
+        solutions=tuple(draw(st.lists(solutions, max_size=3))),
+        customer_contact=draw(st.none() | contacts),
+        customer=draw(st.none() | st.just(deal.customer)),
+    )
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(_deals(), st.sampled_from(["percent_string", "percent_number", "stage_word"]))
+def test_create_request_body_is_the_body_of_the_validated_referral(deal: Deal, fmt: StageFormat) -> None:
+    try:
+        general = create_body(convert.deal_to_referral(deal, fmt))
+    except RecordError as exc:  # e.g. a stage the configured format has no word for
+        with pytest.raises(RecordError, match=re.escape(str(exc))):
+            convert.create_request_body(deal, fmt)
+        return
+    direct = convert.create_request_body(deal, fmt)
+    assert direct == general
+    # and the same on the wire, but for the order of keys
+    assert json.loads(json.dumps(direct)) == json.loads(json.dumps(general))
