@@ -23,6 +23,7 @@ from typing import Any
 from connector.domain.model import Contact, Deal
 
 __all__ = [
+    "PEOPLE_SETS",
     "SCALAR_FIELDS",
     "SET_FIELDS",
     "Direction",
@@ -30,6 +31,9 @@ __all__ = [
     "FieldConflict",
     "MergePlan",
     "Policy",
+    "as_base",
+    "base_value",
+    "member_digest",
     "merge",
     "snapshot_of",
     "values_hash",
@@ -39,6 +43,8 @@ __all__ = [
 SCALAR_FIELDS = ("name", "value", "currency", "close_date", "notes", "campaign_id")
 #: Fields merged as sets of elements.
 SET_FIELDS = ("team", "solutions")
+#: Set fields whose elements are people: the merge base keeps a digest of each, never their details.
+PEOPLE_SETS = frozenset({"team"})
 
 
 class Direction(StrEnum):
@@ -69,6 +75,28 @@ def snapshot_of(deal: Deal) -> dict[str, Any]:
         "team": sorted((_member(m) for m in deal.team), key=lambda m: (m["email"], m["last_name"])),
         "solutions": sorted({s.id for s in deal.solutions}),
     }
+
+
+def member_digest(member: Mapping[str, Any] | str) -> str:
+    """A team member as the merge base keeps them: a digest of their name, email and phone. A set
+    merge only asks whether a member was there before, so the state store never holds people's
+    contact details (bases written before this hold whole members; they are digested when read,
+    and a digest is returned as it is)."""
+    if isinstance(member, str):
+        return member
+    return hashlib.sha256(_key(member).encode()).hexdigest()
+
+
+def base_value(name: str, value: Any) -> Any:
+    """A snapshot's value of field ``name`` (or of ``crm:name``) as the merge base keeps it."""
+    if value is not None and name.removeprefix("crm:") in PEOPLE_SETS:
+        return sorted({member_digest(m) for m in value})
+    return value
+
+
+def as_base(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """A snapshot (or a merge's new base) in the form the state store keeps (:func:`base_value`)."""
+    return {name: base_value(name, value) for name, value in snapshot.items()}
 
 
 def values_hash(values: Mapping[str, Any]) -> str:
@@ -124,11 +152,12 @@ def _key(element: Any) -> str:
     return json.dumps(element, sort_keys=True)
 
 
-def _merge_set(base: list[Any], crm: list[Any], pc: list[Any]) -> list[Any]:
-    b, c, p = ({_key(e): e for e in xs} for xs in (base, crm, pc))
+def _merge_set(name: str, base: list[Any], crm: list[Any], pc: list[Any]) -> list[Any]:
+    key = member_digest if name in PEOPLE_SETS else _key
+    b, c, p = ({key(e): e for e in xs} for xs in (base, crm, pc))
     removed = (b.keys() - c.keys()) | (b.keys() - p.keys())
     merged = {**c, **p}
-    return [merged[k] for k in sorted(merged.keys() - removed)]
+    return sorted((merged[k] for k in merged.keys() - removed), key=_key)
 
 
 def merge(
@@ -149,7 +178,7 @@ def merge(
     known = dict(base or {})
     changes: list[FieldChange] = []
     conflicts: list[FieldConflict] = []
-    new_base = dict(known)
+    new_base = as_base(known)
 
     for name in SCALAR_FIELDS:
         c, p = crm.get(name), pc.get(name)
@@ -189,13 +218,13 @@ def merge(
     for name in SET_FIELDS:
         c_list, p_list = list(crm.get(name) or []), list(pc.get(name) or [])
         b_list = list(known.get(name) or []) if base is not None else []
-        merged = _merge_set(b_list, c_list, p_list)
+        merged = _merge_set(name, b_list, c_list, p_list)
         key = {_key(e) for e in merged}
         if key != {_key(e) for e in c_list}:
             changes.append(FieldChange(name, Direction.TO_CRM, c_list, merged, "set merge"))
         if key != {_key(e) for e in p_list}:
             changes.append(FieldChange(name, Direction.TO_PARTNER_CENTER, p_list, merged, "set merge"))
-        new_base[name] = merged
+        new_base[name] = base_value(name, merged)
 
     return MergePlan(tuple(changes), tuple(conflicts), new_base)
 

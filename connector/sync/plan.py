@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from connector.domain import rules
-from connector.domain.merge import Direction, FieldConflict, Policy, merge, snapshot_of
+from connector.domain.merge import Direction, FieldConflict, Policy, as_base, base_value, merge, snapshot_of
 from connector.domain.model import (
     Contact,
     Deal,
@@ -177,13 +177,16 @@ def plan_pair(
     opted-in opportunity with no referral yet; ``base`` None = never synced."""
     if referral is None:
         assert crm is not None and facts is not None
-        return _plan_create_referral(crm, facts, mapping, create_referrals, location_id, crm_readonly)
-    if crm is None:
-        return _plan_create_opportunity(referral, mapping, create_opportunities, crm_readonly)
-    assert facts is not None
-    return _plan_linked(
-        crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly, pc_readonly
-    )
+        plan = _plan_create_referral(crm, facts, mapping, create_referrals, location_id, crm_readonly)
+    elif crm is None:
+        plan = _plan_create_opportunity(referral, mapping, create_opportunities, crm_readonly)
+    else:
+        assert facts is not None
+        plan = _plan_linked(
+            crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly, pc_readonly
+        )
+    # the base leaves the planner as the state store keeps it: team members as digests
+    return replace(plan, base=as_base(plan.base)) if plan.base else plan
 
 
 def _plan_create_referral(
@@ -255,7 +258,9 @@ def crm_side_settled(
     for name, value in snapshot_of(crm).items():
         if name in pc_readonly:  # not sent to Partner Center: a CRM edit of it asks for nothing
             continue
-        if base.get(f"crm:{name}" if name in crm_readonly else name) != value:
+        if base_value(name, base.get(f"crm:{name}" if name in crm_readonly else name)) != base_value(
+            name, value
+        ):
             return False
     return True
 
@@ -268,7 +273,10 @@ def pc_side_settled(referral: Deal, crm_id: str, base: Mapping[str, Any]) -> boo
         return False
     if not referral.is_terminal and referral.external_reference_id != crm_id:
         return False
-    return all(base.get(name) == value for name, value in snapshot_of(referral).items())
+    return all(
+        base_value(name, base.get(name)) == base_value(name, value)
+        for name, value in snapshot_of(referral).items()
+    )
 
 
 def _plan_create_opportunity(

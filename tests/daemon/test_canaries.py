@@ -9,9 +9,8 @@ is scanned.
   nowhere: not in logs, not in any table.
 - Customer contact details (a unique e-mail and phone on the Salesforce contact, the Partner Center
   customer contact and a Partner Center team member) must not appear in logs or the audit table.
-  The customer contacts appear nowhere in the store. A Partner Center team member's e-mail and
-  phone do appear in one place, ``links.snapshot``: the merge base holds the synced ``team`` field,
-  which its 3-way merge needs. That is asserted as what is true (and reported), not hidden.
+  None of them appears anywhere in the store: the merge base keeps team members as digests
+  (``merge.member_digest``; until migration 0004 it held their e-mail and phone).
 """
 
 from __future__ import annotations
@@ -167,10 +166,6 @@ def test_no_secret_anywhere_and_no_contact_detail_in_logs_or_audit(
     assert not any("eyJ" in v for cells in state.values() for _, v in cells)
     assert hits({"audit": state["audit"]}, CONTACTS) == set()
     assert hits({"runs": state["runs"], "cursors": state["cursors"]}, CONTACTS) == set()
-    # Finding (reported): the links' merge-base snapshot holds the synced team (people's e-mail and
-    # phone), which the 3-way merge of the team field needs; customer contacts are not kept there.
-    # So a team member's details are in links.snapshot, and no contact detail is anywhere else.
-    assert hits(state, CONTACTS) == {
-        ("links", "snapshot", PC_TEAM_EMAIL),
-        ("links", "snapshot", PC_TEAM_PHONE),
-    }
+    # the merge base keeps who is on the team as digests: no contact detail anywhere in the store
+    assert hits(state, CONTACTS) == set()
+    assert state["links"], "the links table is empty: nothing was scanned"

@@ -325,3 +325,35 @@ def test_an_opportunity_listed_as_last_synced_is_not_converted_until_its_content
     assert sorted(converted) == sorted(opps) and fresh.counts["unchanged"] == 3
     converted.clear()
     assert run(full=True).counts["unchanged"] == 3 and converted == []  # noted again under the new one
+
+
+def test_the_state_store_keeps_who_is_on_the_team_never_their_contact_details(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    opp = add_opportunity(sf)
+    run()
+    [rid] = pc.referrals
+    seller = {
+        "firstName": "Mo",
+        "lastName": "Seller",
+        "email": "mo@microsoft.example",
+        "phoneNumber": "+1 425 0199",
+    }
+    pc.edit(rid, lambda d: d["team"].append(seller))
+    run()
+    # the Microsoft seller added on Partner Center survives the CRM's next push ...
+    sf.update_row("Opportunity", opp, {"Description": "scoping call held"})
+    run()
+    emails = [m["email"] for m in pc.referrals[rid]["team"]]
+    assert "mo@microsoft.example" in emails and "ada1@partner.example" in emails
+    assert pc.referrals[rid]["details"]["notes"] == "scoping call held"
+    # ... and the merge base remembers the team as digests only
+    link = store.link_by_crm(CONNECTION, opp)
+    assert link is not None
+    kept = repr(link.snapshot)
+    for detail in ("microsoft.example", "partner.example", "425 0199", "555 0100", "Mo", "Ada"):
+        assert detail not in kept, detail
+    assert len(link.snapshot["team"]) == 2
+    before = writes(pc, sf)
+    run()
+    assert writes(pc, sf) == before

@@ -87,6 +87,63 @@ def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
         store.close()
 
 
+def test_upgrade_to_0004_digests_the_team_members_of_stored_merge_bases(store_url: str) -> None:
+    """Bases written before 0004 held whole team members (names, emails, phones): rewritten as the
+    digests the merge keeps now, everything else in the base and the link untouched."""
+    import importlib.util
+    import json
+
+    from alembic import command
+    from alembic.config import Config
+
+    from connector.domain.merge import member_digest
+    from connector.state.store import MIGRATIONS
+
+    members = [
+        {"first_name": "Ada", "last_name": "Seller", "email": "ada@partner.example", "phone": "+1 555 0100"},
+        {"first_name": "Mo", "last_name": "Seller", "email": "mo@microsoft.example", "phone": ""},
+    ]
+    old_base = {"name": "Deal", "team": members, "crm:team": members[:1], "solutions": ["SOL-1"]}
+    engine = sa.create_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        for crm_id, base in (("006A", old_base), ("006B", {"name": "No team yet"})):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO links (connection, crm_id, referral_id, snapshot, status, status_detail,"
+                    " updated_at) VALUES ('acme', :crm_id, :rid, :snapshot, 'linked', 'synced', :at)"
+                ),
+                {"crm_id": crm_id, "rid": f"r-{crm_id}", "snapshot": json.dumps(base), "at": T0},
+            )
+    engine.dispose()
+    store = open_store(store_url)
+    try:
+        link = store.link_by_crm("acme", "006A")
+        assert link is not None
+        assert link.snapshot == {
+            "name": "Deal",
+            "team": sorted(member_digest(m) for m in members),
+            "crm:team": [member_digest(members[0])],
+            "solutions": ["SOL-1"],
+        }
+        assert "example" not in repr(link.snapshot) and "555" not in repr(link.snapshot)
+        other = store.link_by_crm("acme", "006B")
+        assert other is not None and other.snapshot == {"name": "No team yet"}
+    finally:
+        store.close()
+    # the migration's frozen digest is the domain's
+    path = next(MIGRATIONS.glob("versions/0004_*.py"))
+    spec = importlib.util.spec_from_file_location("migration_0004", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    for member in members:
+        assert migration.member_digest(member) == member_digest(member)
+
+
 def test_migrate_is_idempotent(store_url: str) -> None:
     open_store(store_url).close()
     again = open_store(store_url)

@@ -103,7 +103,7 @@ def test_db_upgrade_and_status(
     code, out, _ = run(capsys, "db", "status")
     assert code == 1 and "revision none" in out
     code, out, _ = run(capsys, "db", "upgrade")
-    assert code == 0 and "revision 0003 (newest 0003)" in out
+    assert code == 0 and "revision 0004 (newest 0004)" in out
     assert (tmp_path / "data" / "state.db").exists()
     code, out, _ = run(capsys, "db", "status")
     assert code == 0

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector.domain.merge import Direction, Policy, merge, snapshot_of, values_hash
+from connector.domain.merge import (
+    Direction,
+    Policy,
+    as_base,
+    member_digest,
+    merge,
+    snapshot_of,
+    values_hash,
+)
 from tests.unit.factories import deal
 
 BASE: dict[str, Any] = {
@@ -31,7 +39,7 @@ def with_(**changes: Any) -> dict[str, Any]:
 
 def test_no_change_is_a_noop() -> None:
     plan = merge(BASE, BASE, BASE)
-    assert plan.is_noop and plan.base == BASE
+    assert plan.is_noop and plan.base == as_base(BASE)
 
 
 def test_one_sided_changes_flow_to_the_other_side() -> None:
@@ -104,6 +112,37 @@ def test_team_additions_from_both_sides_survive_and_removals_apply() -> None:
     key = sorted(m["email"] for m in merged)
     assert sorted(m["email"] for m in plan.toward(Direction.TO_PARTNER_CENTER)["team"]) == key
     assert sorted(m["email"] for m in plan.toward(Direction.TO_CRM)["team"]) == key
+
+
+def test_the_base_keeps_team_members_as_digests_only() -> None:
+    crm = with_(team=[{"email": "a@p.example", "phone": "+1 555 0100"}, {"email": "b@p.example"}])
+    plan = merge(BASE, crm, BASE)
+    kept = plan.base["team"]
+    assert all(isinstance(m, str) and len(m) == 64 for m in kept)
+    assert "p.example" not in repr(plan.base) and "555" not in repr(plan.base)
+    assert kept == sorted(member_digest(m) for m in crm["team"])
+    # the Partner Center side gets the whole member (the base is only a memory of who was there)
+    assert {"email": "b@p.example"} in plan.toward(Direction.TO_PARTNER_CENTER)["team"]
+
+
+@pytest.mark.parametrize("stored", ["whole members (bases before digests)", "digests"])
+def test_a_base_of_either_form_merges_alike(stored: str) -> None:
+    base = with_(team=[{"email": "a@p.example"}, {"email": "gone@p.example"}])
+    if stored == "digests":
+        base = as_base(base)
+    crm = with_(team=[{"email": "a@p.example"}])  # CRM removed "gone"
+    pc = with_(
+        team=[{"email": "a@p.example"}, {"email": "gone@p.example"}, {"email": "ms@microsoft.example"}]
+    )
+    plan = merge(base, crm, pc)
+    assert [m["email"] for m in plan.toward(Direction.TO_PARTNER_CENTER)["team"]] == [
+        "a@p.example",
+        "ms@microsoft.example",
+    ]
+    again = merge(
+        plan.base, crm | plan.toward(Direction.TO_CRM), pc | plan.toward(Direction.TO_PARTNER_CENTER)
+    )
+    assert again.is_noop
 
 
 def test_snapshot_and_hash_are_stable() -> None:
