@@ -352,7 +352,9 @@ class DynamicsAdapter:
     def write_unsupported(self) -> frozenset[str]:
         """Canonical fields apply() cannot write yet: the engine lets them flow to Partner Center only
         (and without a referral-id column, the referral id cannot be written back at all)."""
-        unsupported = {"team", "solutions"}
+        # lost_reason: Dataverse's reason for a loss is the status reason of the close, which the
+        # stage mapping already chooses (LoseOpportunity's Status)
+        unsupported = {"team", "solutions", "lost_reason"}
         if not self.options.referral_id_field:
             unsupported.add("referral_id")
         return frozenset(unsupported)

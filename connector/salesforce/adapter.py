@@ -524,6 +524,8 @@ class SalesforceAdapter:
         unsupported = {"team"}  # OpportunityTeamMember writes (users by email) are not built yet
         if not self.fields["solutions"]:
             unsupported.add("solutions")  # line items need a price book; only a multi-select is written
+        if not self.fields["lost_reason"]:
+            unsupported.add("lost_reason")  # no field for it: a close from Partner Center comes without
         if self._meta is not None and "CurrencyIsoCode" not in self._meta.opp_fields:
             # single-currency org: reads report the org's currency; writing Partner Center's would fail
             unsupported.add("currency")
@@ -1621,6 +1623,7 @@ class SalesforceAdapter:
             "notes": self.fields["notes"],
             "campaign_id": self.fields["campaign"],
             "solutions": self.fields["solutions"],
+            "lost_reason": self.fields["lost_reason"],
             # only multi-currency orgs have the field (crm-apis.md §A.1); the adapter saw it in describe
             "currency": "CurrencyIsoCode" if "CurrencyIsoCode" in run_fields else "",
         }

@@ -908,6 +908,16 @@ class SyncEngine:
             [e.id for _, e in work.ops if e.id is not None and id(e) not in landed_creates]
         )
 
+    def _crm_reason(self, pc_reason: str) -> str | None:
+        """Partner Center's lost/decline reason in the CRM's words (the reasons value map, read
+        backwards); None when the map has no entry for it: a CRM picklist may refuse unknown text,
+        and the close it comes with must not fail for it."""
+        try:
+            return self.mappings.values["reasons"].to_crm(pc_reason)
+        except RecordError:
+            log.info("crm.reason_unmapped", connection=self.name)  # free text: not logged
+            return None
+
     def _reason(self, crm_reason: str) -> str:
         """The CRM's lost/decline reason in Partner Center's words (the reasons value map)."""
         try:
@@ -929,8 +939,18 @@ class SyncEngine:
         crm, referral, link, plan = work.crm, work.referral, work.link, work.plan
         crm_id = work.crm_id
         audit = work.audit
+        fields = dict(plan.crm_changes)
+        if "lost_reason" in fields:
+            fields["lost_reason"] = self._crm_reason(str(fields["lost_reason"]))
+            if fields["lost_reason"] is None:
+                del fields["lost_reason"]
         # audited after the writes, so a created referral's id is on its rows
         for fieldname, direction, old, new, rule in plan.explanations:
+            if fieldname == "lost_reason":
+                if "lost_reason" not in fields:
+                    rule, new = f"{rule}: not in the reasons value map, not written", old
+                else:
+                    new = fields["lost_reason"]
             audit.append(
                 self._audit("set", direction, fieldname, old, new, rule, crm_id, current or referral)
             )
@@ -946,7 +966,6 @@ class SyncEngine:
             status = f"waiting: {plan.waiting[0].rule}"
             report.counts["waiting"] += 1
         change: CrmChange | None = None
-        fields = dict(plan.crm_changes)
         new_referral_id = current.referral_id if current else None
         wants_crm = bool(fields or plan.crm_stage) or (
             new_referral_id and (link is None or link.referral_id != new_referral_id)
@@ -971,7 +990,10 @@ class SyncEngine:
             )
         base = dict(plan.base)
         # what we write now is checked when first read back; fields the adapter cannot write are not
-        written = {f: v for f, v in fields.items() if f not in self.crm.write_unsupported}
+        # (a close's reason is written once, with the close, and is no synced field to read back)
+        written = {
+            f: v for f, v in fields.items() if f not in self.crm.write_unsupported and f != "lost_reason"
+        }
         written_hash, written_fields = (
             (link.crm_written_hash, link.crm_written_fields) if link and not work.read_back else (None, None)
         )

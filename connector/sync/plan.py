@@ -175,6 +175,9 @@ def plan_pair(
 ) -> PairPlan:
     """Plan one pair. ``crm`` None = a referral with no opportunity yet; ``referral`` None = an
     opted-in opportunity with no referral yet; ``base`` None = never synced."""
+    # "lost_reason" among them: the CRM keeps no reason of its own to write (it is no synced field)
+    reason_writable = "lost_reason" not in crm_readonly
+    crm_readonly = crm_readonly - {"lost_reason"}
     if referral is None:
         assert crm is not None and facts is not None
         plan = _plan_create_referral(crm, facts, mapping, create_referrals, location_id, crm_readonly)
@@ -183,8 +186,9 @@ def plan_pair(
     else:
         assert facts is not None
         plan = _plan_linked(
-            crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly, pc_readonly
-        )
+            crm, facts, referral, base, mapping, policies or {}, default_policy, crm_readonly, pc_readonly,
+            reason_writable,
+        )  # fmt: skip
     # the base leaves the planner as the state store keeps it: team members as digests
     return replace(plan, base=as_base(plan.base)) if plan.base else plan
 
@@ -310,6 +314,7 @@ def _plan_linked(
     default_policy: Policy,
     crm_readonly: frozenset[str] = frozenset(),
     pc_readonly: frozenset[str] = frozenset(),
+    reason_writable: bool = True,
 ) -> PairPlan:
     explanations: list[tuple[str, str, Any, Any, str]] = []
     refusals: list[Refusal] = []
@@ -523,6 +528,21 @@ def _plan_linked(
             crm_stage = decision.label
             rule = decision.resolution.rule if decision.resolution else "reverse"
             explanations.append(("stage", Direction.TO_CRM.value, facts.stage_label, decision.label, rule))
+            reason = referral.status_reason
+            closed_with_reason = pc_key in (ReverseKey.LOST, ReverseKey.DECLINED) and reason
+            if reason_writable and closed_with_reason and reason != facts.lost_reason:
+                # Why it was lost or declined goes with the close: in Partner Center's words here
+                # (partner-center-api.md §6.4); the engine puts them in the CRM's (the reasons map).
+                crm_changes["lost_reason"] = reason
+                explanations.append(
+                    (
+                        "lost_reason",
+                        Direction.TO_CRM.value,
+                        facts.lost_reason,
+                        reason,
+                        f"reason of the {pc_key.value}",
+                    )
+                )
         if decision.refusal is not None:
             refusals.append(decision.refusal)
         new_base["crm_stage"] = crm_stage or facts.stage_label

@@ -842,6 +842,13 @@ def test_partner_center_moves_reach_the_crm_through_the_reverse_mapping(
     if kind == "dynamics" and crm_key in ("won", "lost"):
         closes = [r for r in crm.twin.rows["opportunitycloses"].values() if r["_opportunityid_value"] == opp]
         assert len(closes) == 1  # closed by the action, as Dataverse requires
+    reasons = [(e.direction, e.old, e.new) for e in h.audit(crm_id=opp) if e.field == "lost_reason"]
+    if kind == "salesforce" and crm_key == "lost":
+        # the reason comes with the close, in the CRM's words (the reasons value map, backwards)
+        assert crm.row(opp)[LOSS_REASON_FIELD] == "Lost to Competitor"
+        assert reasons == [("pc->crm", None, "Lost to Competitor")]
+    else:  # Dataverse's loss reason is the close's status reason, chosen by the stage mapping
+        assert reasons == []
     h.settle()
 
 

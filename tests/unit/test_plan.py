@@ -101,6 +101,31 @@ def test_inbound_declined_needs_a_reason() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("substatus", "readonly", "wanted"),
+    [
+        (Substatus.LOST, frozenset(), {"lost_reason": "Customer chose another vendor"}),
+        (Substatus.DECLINED, frozenset(), {"lost_reason": "Customer chose another vendor"}),
+        (Substatus.LOST, frozenset({"lost_reason"}), {}),  # the CRM keeps no reason: none is sent
+        (Substatus.WON, frozenset(), {}),
+    ],
+)
+def test_a_close_in_partner_center_brings_its_reason_to_the_crm(
+    substatus: Substatus, readonly: frozenset[str], wanted: dict[str, str]
+) -> None:
+    ref = deal(referral_id="r-1", external_reference_id="006A")
+    base = base_of("Needs Analysis", ref)
+    closed = replace(
+        ref, status=Status.CLOSED, substatus=substatus, status_reason="Customer chose another vendor"
+    )
+    plan = plan_pair(ref, CrmFacts("Needs Analysis"), closed, base, MAPPING, crm_readonly=readonly)
+    assert plan.crm_stage in ("Closed Lost", "Closed Won")
+    assert {k: v for k, v in plan.crm_changes.items() if k == "lost_reason"} == wanted
+    said = [e for e in plan.explanations if e[0] == "lost_reason"]
+    assert [(e[1], e[3]) for e in said] == [(Direction.TO_CRM.value, v) for v in wanted.values()]
+    assert "lost_reason" not in plan.base and "crm:lost_reason" not in plan.base  # no synced field
+
+
 def test_expired_referral_moves_the_opportunity_to_lost() -> None:
     ref = inbound()
     expired = replace(ref, status=Status.CLOSED, substatus=Substatus.EXPIRED)
