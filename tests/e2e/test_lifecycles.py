@@ -1154,3 +1154,26 @@ def test_a_record_with_a_resolved_conflict_is_reconciled_once_per_run(harness: M
     assert len(h.store.conflicts(CONNECTION)) == 1  # the value, open again
     rows = [e for e in h.audit(crm_id=opp) if e.action == "conflict" and e.run_id == report.run_id]
     assert (report.counts["conflicts"], len(rows)) == (1, 1)
+
+
+@SQLITE
+def test_a_partner_center_reason_the_reasons_map_lacks_is_not_written_and_says_so(
+    harness: MakeHarness,
+) -> None:
+    """Partner Center's reason is free text; a CRM picklist may refuse text it does not list, and the
+    close must not fail for it: the stage moves, the reason field is left alone, the audit says why."""
+    h = harness("salesforce")
+    crm, pc = h.crm, h.pc
+    opp = crm.add_opportunity("Deal lost in Partner Center", crm.label["qualified"])
+    h.clean_run()
+    [rid] = pc.referrals
+    h.later()
+    h.clean_run()
+    pc.edit(rid, lambda d: d.update(status="Closed", substatus="Lost", statusReason="Budget moved to 2028"))
+    h.later()
+    report = h.clean_run()
+    assert report.counts["crm_updated"] == 1
+    assert crm.stage(opp) == crm.label["lost"] and crm.row(opp).get(LOSS_REASON_FIELD) is None
+    [said] = [e for e in h.audit(crm_id=opp) if e.field == "lost_reason"]
+    assert said.new is None and "not in the reasons value map, not written" in said.rule
+    h.settle()
