@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from procstat import memory_mb  # bench/, beside this script
 
 CONNECTION = "bench"
 PHASES = ("initial", "echo", "idle", "changed", "full", "bare")
@@ -57,18 +58,6 @@ MB = 1024 * 1024
 
 
 # --- measuring --------------------------------------------------------------------------------------
-def memory_mb() -> dict[str, float]:
-    """This process's resident and peak resident memory, in MB (Linux /proc)."""
-    out = {"rss_mb": 0.0, "peak_mb": 0.0}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss_mb"] = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                out["peak_mb"] = int(line.split()[1]) / 1024
-    return out
-
-
 def reset_peak() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux >= 4.0), so a run's peak is its own."""
     try:

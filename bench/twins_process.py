@@ -27,7 +27,6 @@ Run alone: .venv/bin/python bench/twins_process.py --opportunities 1000 --dir /t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from procstat import memory_mb  # bench/, beside this script
 
 from connector.partner_center.models import format_utc
 from connector.partner_center.twin import API_PREFIX, PartnerCenterTwin
@@ -55,18 +55,6 @@ SF_CLIENT, SF_SECRET, SF_USER, SF_PASSWORD = "bench-sf", "bench-sf-secret", "sf@
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 _OPEN_STAGES = [s[0] for s in STANDARD_STAGES if not s[3]]
 _CLOSED_STAGES = {s[0] for s in STANDARD_STAGES if s[3]}
-
-
-def memory_mb() -> dict[str, float]:
-    """Resident and peak resident memory of this process (Linux /proc), in MB."""
-    out = {"rss_mb": 0.0, "peak_mb": 0.0}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss_mb"] = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                out["peak_mb"] = int(line.split()[1]) / 1024
-    return out
 
 
 def _route(twin: str, path: str) -> str:
