@@ -198,12 +198,28 @@ class SqlStateStore(StateStore):
         """Bring the schema to the newest Alembic revision (idempotent)."""
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
+        engine = self.engine
+        if engine.dialect.name == "sqlite" and sa.engine.make_url(self.url).database not in (
+            None,
+            "",
+            ":memory:",
+        ):
+            # pysqlite emits no BEGIN before DDL, so each CREATE/ALTER committed on its own: a kill -9
+            # during the first start's migration left half a schema ("table audit already exists"
+            # at every start after). A migration engine of its own runs in one real transaction
+            # (SQLAlchemy's documented pysqlite recipe: driver autocommit off, BEGIN emitted here).
+            engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool, connect_args={"timeout": 30})
+            sa.event.listen(engine, "connect", _sqlite_transactional_ddl)
+            sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         try:
-            with self.engine.begin() as conn:
+            with engine.begin() as conn:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except sa.exc.OperationalError as exc:
             raise _unreachable(self.url, exc) from None
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
 
     def schema_revision(self) -> tuple[str | None, str | None]:
         """(current revision in the database, newest revision shipped)."""
@@ -927,6 +943,12 @@ def _unreachable(url: str, exc: Exception) -> RetryLater:
         f"state store {safe} unreachable: {str(exc.orig if hasattr(exc, 'orig') else exc).strip()}",
         system="state",
     )
+
+
+def _sqlite_transactional_ddl(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    # https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl
+    dbapi_connection.isolation_level = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

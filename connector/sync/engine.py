@@ -479,24 +479,41 @@ class SyncEngine:
     def _reconcile_opportunities(self, opportunities: Sequence[Deal]) -> None:
         ids = [crm.crm_id for crm in opportunities if crm.crm_id]
         links = self.store.links_by_crm_ids(self.name, ids) if ids else {}
-        works: list[_Work] = []
+        changed: list[tuple[Deal, Link | None]] = []
         for crm in opportunities:
             assert crm.crm_id is not None
             link = links.get(crm.crm_id)
             if self._as_last_synced(link, System.CRM, crm):
                 continue
             self._settled.discard(crm.crm_id)
+            changed.append((crm, link))
+        # Their referrals, one GET each, on the page's threads as its writes are: one after the
+        # other, a 1% change of 100,000 deals waited on 1,000 round trips (minutes at real latency).
+        wanted = [link.referral_id for _, link in changed if link is not None and link.referral_id]
+        workers = self.connection.partner_center.max_concurrency
+        found = map_in_threads(self._read_referral, wanted, workers, name=f"cosell-{self.name}")
+        read = dict(zip(wanted, found, strict=True))
+        works: list[_Work] = []
+        for crm, link in changed:
             referral = None
             if link is not None and link.referral_id:
-                try:
-                    referral = self.pc.get(link.referral_id)
-                except RecordError as exc:
-                    self._fail(System.PARTNER_CENTER, link.referral_id, exc, crm_id=crm.crm_id)
+                got = read[link.referral_id]
+                if isinstance(got, RecordError):
+                    self._fail(System.PARTNER_CENTER, link.referral_id, got, crm_id=crm.crm_id)
                     continue
+                referral = got
             work = self._plan_record(crm, referral, link)
             if work is not None:
                 works.append(work)
         self._execute_page(works)
+
+    def _read_referral(self, referral_id: str) -> Deal | RecordError:
+        """One referral by id; a record's failure is handed back (to be filed on the page's thread),
+        anything else raised."""
+        try:
+            return self.pc.get(referral_id)
+        except RecordError as exc:
+            return exc
 
     def _read_listed(self, side: System, listed: Sequence[Listed]) -> list[Deal]:
         """The listed records not as their last sync left them, converted (a failure isolated). The

@@ -357,3 +357,38 @@ def test_the_state_store_keeps_who_is_on_the_team_never_their_contact_details(
     before = writes(pc, sf)
     run()
     assert writes(pc, sf) == before
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_changed_opportunities_read_their_referrals_together_and_one_that_fails_is_isolated(
+    run: Run, pc: PartnerCenterTwin, sf: SalesforceTwin, store: SqlStateStore
+) -> None:
+    from connector.remote.twin import Fault, TwinResponse
+
+    opps = [add_opportunity(sf, name=f"Deal {i}") for i in range(6)]
+    run()
+    for twin in (sf, pc):
+        twin.clock.advance(timedelta(minutes=10))
+    run()  # our own write-backs read back: the book is quiet
+    for twin in (sf, pc):
+        twin.clock.advance(timedelta(minutes=10))
+    for i, opp in enumerate(opps):
+        sf.update_row("Opportunity", opp, {"Description": f"call notes {i}"})
+    broken = sf.tables["Opportunity"][opps[2]][REFERRAL_FIELD]
+    gets_before = len(pc.calls("GET"))
+    gone = Fault(
+        TwinResponse(404, {"code": "NotFound", "message": "gone"}),
+        times=5,
+        match=lambda r: r.method == "GET" and r.path.endswith(broken),
+    )
+    with pc.faults(gone):
+        report = run()
+    gets = [r.path for r in pc.calls("GET")[gets_before:]]
+    assert sum(1 for p in gets if not p.endswith("/referrals")) >= 6  # one read per changed record
+    assert report.counts["pc_updated"] == 5, report.problems
+    [letter] = store.dead_letters(CONNECTION)
+    assert (letter.system, letter.record_id) == (System.PARTNER_CENTER, broken)
+    notes = {r["externalReferenceId"]: r["details"]["notes"] for r in pc.referrals.values()}
+    assert [notes[opp] for i, opp in enumerate(opps) if i != 2] == [
+        f"call notes {i}" for i in (0, 1, 3, 4, 5)
+    ]

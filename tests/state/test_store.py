@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -491,3 +494,36 @@ def test_waiting_entries_are_released_by_key(store: SqlStateStore) -> None:
     states = {e.idempotency_key: e.state for e in store.outbox_entries("acme")}
     assert states == {waiting.idempotency_key: OutboxState.DONE, "k-pending": OutboxState.PENDING}
     store.complete_waiting([])
+
+
+def test_a_migration_that_stops_part_way_leaves_no_half_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite runs each migration in one real transaction (pysqlite emits no BEGIN before DDL by
+    itself): a first start killed mid-migration once left tables without their revision, and every
+    start after failed with "table audit already exists"."""
+    from alembic.operations import Operations
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    real = Operations.create_table
+    made: list[str] = []
+
+    def create_then_die(self: Operations, name: str, *columns: Any, **kw: Any) -> Any:
+        if len(made) == 3:
+            raise KeyboardInterrupt("killed mid-migration")
+        made.append(name)
+        return real(self, name, *columns, **kw)
+
+    monkeypatch.setattr(Operations, "create_table", create_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        open_store(url)
+    assert len(made) == 3
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == set(), tables  # rolled back whole: neither tables nor a revision
+    monkeypatch.setattr(Operations, "create_table", real)
+    store = open_store(url)  # the next start migrates from scratch
+    try:
+        assert store.schema_revision()[0] == store.schema_revision()[1]
+    finally:
+        store.close()
