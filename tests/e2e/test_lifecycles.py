@@ -813,6 +813,19 @@ def test_lost_with_its_reason_mapped(
     ],
     ids=["stage", "won", "lost"],
 )
+def moved_in_partner_center(h: Harness, move: dict[str, str]) -> tuple[str, str, RunReport]:
+    """An opportunity synced and settled, then its referral edited in Partner Center (``move``) and
+    the run after: (opportunity id, referral id, that run's report)."""
+    opp = h.crm.add_opportunity("Deal moved in Partner Center", h.crm.label["qualified"])
+    h.clean_run()
+    [rid] = h.pc.referrals
+    h.later()
+    h.clean_run()
+    h.pc.edit(rid, lambda d: d.update(move))
+    h.later()
+    return opp, rid, h.clean_run()
+
+
 def test_partner_center_moves_reach_the_crm_through_the_reverse_mapping(
     harness: MakeHarness,
     kind: str,
@@ -825,14 +838,7 @@ def test_partner_center_moves_reach_the_crm_through_the_reverse_mapping(
     CRM as the CRM's own stage; a Dynamics opportunity is closed through Win/LoseOpportunity."""
     h = harness(kind)
     crm, pc = h.crm, h.pc
-    opp = crm.add_opportunity("Deal moved in Partner Center", crm.label["qualified"])
-    h.clean_run()
-    [rid] = pc.referrals
-    h.later()
-    h.clean_run()
-    pc.edit(rid, lambda d: d.update(move))
-    h.later()
-    report = h.clean_run()
+    opp, rid, report = moved_in_partner_center(h, move)
     assert (report.counts["crm_updated"], report.counts["pc_updated"]) == (1, 0)
     assert state(pc, rid) == pc_state
     assert crm.stage(opp) == crm.label[crm_key] and crm.sync_status(opp) == "synced"
@@ -1163,15 +1169,10 @@ def test_a_partner_center_reason_the_reasons_map_lacks_is_not_written_and_says_s
     """Partner Center's reason is free text; a CRM picklist may refuse text it does not list, and the
     close must not fail for it: the stage moves, the reason field is left alone, the audit says why."""
     h = harness("salesforce")
-    crm, pc = h.crm, h.pc
-    opp = crm.add_opportunity("Deal lost in Partner Center", crm.label["qualified"])
-    h.clean_run()
-    [rid] = pc.referrals
-    h.later()
-    h.clean_run()
-    pc.edit(rid, lambda d: d.update(status="Closed", substatus="Lost", statusReason="Budget moved to 2028"))
-    h.later()
-    report = h.clean_run()
+    crm = h.crm
+    opp, _rid, report = moved_in_partner_center(
+        h, {"status": "Closed", "substatus": "Lost", "statusReason": "Budget moved to 2028"}
+    )
     assert report.counts["crm_updated"] == 1
     assert crm.stage(opp) == crm.label["lost"] and crm.row(opp).get(LOSS_REASON_FIELD) is None
     [said] = [e for e in h.audit(crm_id=opp) if e.field == "lost_reason"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,8 +57,10 @@ def test_migrations_match_the_table_model(store: SqlStateStore) -> None:
     assert store.schema_revision()[0] == store.schema_revision()[1]
 
 
-def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
-    """A store created by an older release is upgraded in place at start, its rows intact."""
+@contextmanager
+def schema_at(store_url: str, revision: str) -> Iterator[sa.Connection]:
+    """The store's database at an older release's ``revision``, for that release's rows to be put in
+    (committed when the block ends)."""
     from alembic import command
     from alembic.config import Config
 
@@ -65,9 +69,18 @@ def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
     engine = sa.create_engine(store_url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
+    """A store created by an older release is upgraded in place at start, its rows intact."""
+    with schema_at(store_url, "0001") as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO links (connection, crm_id, referral_id, snapshot, crm_written_hash, status,"
@@ -76,7 +89,6 @@ def test_upgrade_from_the_first_schema_keeps_the_links(store_url: str) -> None:
             ),
             {"h": "h" * 64, "at": T0},
         )
-    engine.dispose()
     store = open_store(store_url)  # migrates to the newest revision
     try:
         assert store.schema_revision()[0] == store.schema_revision()[1] != "0001"
@@ -96,9 +108,6 @@ def test_upgrade_to_0004_digests_the_team_members_of_stored_merge_bases(store_ur
     import importlib.util
     import json
 
-    from alembic import command
-    from alembic.config import Config
-
     from connector.domain.merge import member_digest
     from connector.state.store import MIGRATIONS
 
@@ -107,12 +116,7 @@ def test_upgrade_to_0004_digests_the_team_members_of_stored_merge_bases(store_ur
         {"first_name": "Mo", "last_name": "Seller", "email": "mo@microsoft.example", "phone": ""},
     ]
     old_base = {"name": "Deal", "team": members, "crm:team": members[:1], "solutions": ["SOL-1"]}
-    engine = sa.create_engine(store_url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    with schema_at(store_url, "0003") as conn:
         for crm_id, base in (("006A", old_base), ("006B", {"name": "No team yet"})):
             conn.execute(
                 sa.text(
@@ -121,7 +125,6 @@ def test_upgrade_to_0004_digests_the_team_members_of_stored_merge_bases(store_ur
                 ),
                 {"crm_id": crm_id, "rid": f"r-{crm_id}", "snapshot": json.dumps(base), "at": T0},
             )
-    engine.dispose()
     store = open_store(store_url)
     try:
         link = store.link_by_crm("acme", "006A")
