@@ -797,6 +797,19 @@ def test_lost_with_its_reason_mapped(
     h.settle()
 
 
+def moved_in_partner_center(h: Harness, move: dict[str, str]) -> tuple[str, str, RunReport]:
+    """An opportunity synced and settled, then its referral edited in Partner Center (``move``) and
+    the run after: (opportunity id, referral id, that run's report)."""
+    opp = h.crm.add_opportunity("Deal moved in Partner Center", h.crm.label["qualified"])
+    h.clean_run()
+    [rid] = h.pc.referrals
+    h.later()
+    h.clean_run()
+    h.pc.edit(rid, lambda d: d.update(move))
+    h.later()
+    return opp, rid, h.clean_run()
+
+
 @BOTH
 @SQLITE
 @pytest.mark.parametrize(
@@ -813,19 +826,6 @@ def test_lost_with_its_reason_mapped(
     ],
     ids=["stage", "won", "lost"],
 )
-def moved_in_partner_center(h: Harness, move: dict[str, str]) -> tuple[str, str, RunReport]:
-    """An opportunity synced and settled, then its referral edited in Partner Center (``move``) and
-    the run after: (opportunity id, referral id, that run's report)."""
-    opp = h.crm.add_opportunity("Deal moved in Partner Center", h.crm.label["qualified"])
-    h.clean_run()
-    [rid] = h.pc.referrals
-    h.later()
-    h.clean_run()
-    h.pc.edit(rid, lambda d: d.update(move))
-    h.later()
-    return opp, rid, h.clean_run()
-
-
 def test_partner_center_moves_reach_the_crm_through_the_reverse_mapping(
     harness: MakeHarness,
     kind: str,
