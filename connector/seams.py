@@ -133,7 +133,9 @@ class CrmChange:
     it onto its own fields (configurable API names) and builds the :class:`CrmWrite`.
 
     ``fields`` uses the merge snapshot's names and JSON-ready values (name, value, currency,
-    close_date, notes, campaign_id, team, solutions); ``crm_id`` None creates an opportunity.
+    close_date, notes, campaign_id, team, solutions), plus ``lost_reason`` (the CRM's words for why
+    a deal closed in Partner Center was lost or declined; written once with the close, not a synced
+    field); ``crm_id`` None creates an opportunity.
     """
 
     crm_id: str | None
@@ -186,7 +188,8 @@ class CrmAdapter(Protocol):
 
     @property
     def write_unsupported(self) -> frozenset[str]:
-        """Canonical fields ``apply`` cannot write (they flow CRM -> Partner Center only)."""
+        """Canonical fields ``apply`` cannot write: synced ones flow CRM -> Partner Center only;
+        ``lost_reason`` here means the CRM keeps no reason field, so none is sent."""
         ...
 
     def stages(self) -> Sequence[CrmStage]:

@@ -64,7 +64,8 @@ def _member(c: Contact) -> dict[str, str]:
 
 
 def snapshot_of(deal: Deal) -> dict[str, Any]:
-    """The synced fields of a deal as JSON-ready values (what the state store keeps as the base)."""
+    """The synced fields of a deal as JSON-ready values: what the merge compares (the state store
+    keeps them through :func:`as_base`, team members digested)."""
     return {
         "name": deal.name,
         "value": None if deal.value is None else format(deal.value.amount.normalize(), "f"),
@@ -79,9 +80,10 @@ def snapshot_of(deal: Deal) -> dict[str, Any]:
 
 def member_digest(member: Mapping[str, Any] | str) -> str:
     """A team member as the merge base keeps them: a digest of their name, email and phone. A set
-    merge only asks whether a member was there before, so the state store never holds people's
-    contact details (bases written before this hold whole members; they are digested when read,
-    and a digest is returned as it is)."""
+    merge only asks whether a member was there before, so the state store holds no one's contact
+    details in clear — a pseudonym, not an anonymisation: someone holding both the store and a
+    candidate person's exact details can still test them against it. Bases written before this
+    hold whole members; they are digested when read, and a digest is returned as it is."""
     if isinstance(member, str):
         return member
     return hashlib.sha256(_key(member).encode()).hexdigest()

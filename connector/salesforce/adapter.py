@@ -524,8 +524,11 @@ class SalesforceAdapter:
         unsupported = {"team"}  # OpportunityTeamMember writes (users by email) are not built yet
         if not self.fields["solutions"]:
             unsupported.add("solutions")  # line items need a price book; only a multi-select is written
-        if not self.fields["lost_reason"]:
-            unsupported.add("lost_reason")  # no field for it: a close from Partner Center comes without
+        reason_field = self.fields["lost_reason"]
+        if not reason_field or (self._meta is not None and reason_field not in self._meta.opp_fields):
+            # no field for it (or the org lacks the one configured): a close from Partner Center comes
+            # without its reason rather than failing on INVALID_FIELD, the stage change with it
+            unsupported.add("lost_reason")
         if self._meta is not None and "CurrencyIsoCode" not in self._meta.opp_fields:
             # single-currency org: reads report the org's currency; writing Partner Center's would fail
             unsupported.add("currency")

@@ -196,6 +196,14 @@ class SqlStateStore(StateStore):
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent)."""
+        try:
+            current, head = self.schema_revision()
+        except sa.exc.OperationalError as exc:
+            raise _unreachable(self.url, exc) from None
+        if current is not None and current == head:
+            # nothing to do: `cosell status` and friends must not queue for the write lock a
+            # running sync holds (BEGIN IMMEDIATE below) just to find that out
+            return
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         engine = self.engine

@@ -8,6 +8,7 @@ Future per thread.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,26 +21,33 @@ R = TypeVar("R")
 
 
 def map_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int, *, name: str = "") -> list[R]:
-    """``[fn(item) for item in items]``, computed on ``workers`` threads. An exception raised by
-    ``fn`` stops its thread's work and is raised here once every thread has stopped (the others
-    finish what is left)."""
+    """``[fn(item) for item in items]``, computed on ``workers`` threads, each in a copy of the
+    caller's context variables. An exception raised by ``fn`` stops every thread from taking more
+    items and is raised here once they have all stopped."""
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     results: list[R | None] = [None] * len(items)
     pending = iter(enumerate(items))
     lock = threading.Lock()
+    failed = threading.Event()
 
     def drain() -> None:
-        while True:
+        while not failed.is_set():
             with lock:
                 taken = next(pending, None)
             if taken is None:
                 return
             index, item = taken
-            results[index] = fn(item)
+            try:
+                results[index] = fn(item)
+            except BaseException:
+                failed.set()  # the others stop taking items: the caller gets the error, not the rest
+                raise
 
-    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix=name or "cosell") as pool:
-        futures = [pool.submit(drain) for _ in range(min(workers, len(items)))]
+    threads = min(workers, len(items))
+    with ThreadPoolExecutor(threads, thread_name_prefix=name or "cosell") as pool:
+        # each thread in a copy of the caller's context: log lines keep the run's bound connection
+        futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(threads)]
     for future in futures:
         future.result()
     return results  # type: ignore[return-value] # every index was filled, or a result() raised

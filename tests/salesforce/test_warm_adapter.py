@@ -330,3 +330,17 @@ def test_a_record_changed_between_two_pages_of_a_run_is_read_by_the_next_run(
     twin.clock.advance(timedelta(seconds=30))
     again = {r.deal.crm_id: r.deal.notes for p in adapter.pull(final_cursor(pages)) for r in p.rows}
     assert again[early] == "v2" and again[late] == "v2"
+
+
+@pytest.mark.parametrize(
+    ("configured", "writes_reason"),
+    [("Loss_Reason__c", True), ("No_Such_Reason__c", False), ("", False)],
+)
+def test_a_lost_reason_is_written_only_to_a_field_the_org_has(
+    make_adapter: MakeAdapter, configured: str, writes_reason: bool
+) -> None:
+    """A configured reason field the org lacks would fail the close it comes with (INVALID_FIELD):
+    then no reason is sent, as for a connection without one."""
+    adapter = make_adapter(fields={"lost_reason": configured})
+    adapter.opportunity_fields()  # the describe is read
+    assert ("lost_reason" not in adapter.write_unsupported) is writes_reason

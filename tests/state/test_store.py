@@ -530,3 +530,24 @@ def test_a_migration_that_stops_part_way_leaves_no_half_schema(
         assert store.schema_revision()[0] == store.schema_revision()[1]
     finally:
         store.close()
+
+
+def test_opening_a_store_at_the_newest_revision_never_waits_for_the_write_lock(tmp_path: Path) -> None:
+    """`cosell status` beside a running sync: a store already migrated is only read at open, so it
+    does not queue behind the sync's write transaction (a migration takes BEGIN IMMEDIATE)."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    open_store(url).close()
+    writer = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a sync's write transaction, held
+    opened: list[SqlStateStore] = []
+    try:
+        opener = threading.Thread(target=lambda: opened.append(open_store(url)))
+        opener.start()
+        opener.join(timeout=10)  # a store that tried to migrate would wait out the 30 s busy timeout
+        assert not opener.is_alive() and len(opened) == 1
+        assert opened[0].schema_revision()[0] == opened[0].schema_revision()[1]
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        for store in opened:
+            store.close()

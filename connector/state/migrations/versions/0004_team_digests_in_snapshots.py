@@ -2,7 +2,9 @@
 
 A set merge only asks whether a member was there before, so the state store needs no contact
 details (connector.domain.merge.member_digest). Bases written before this held whole members; the
-code reads either form, and this rewrites the stored ones so no contact detail stays behind.
+code reads either form, and this rewrites the stored ones. On SQLite the rewrite runs with
+``secure_delete`` on, so the pages it frees are zeroed; PostgreSQL keeps the old row versions until
+VACUUM reclaims them (run ``VACUUM`` on the state database once after upgrading to be rid of them).
 
 Revision ID: 0004
 Revises: 0003
@@ -48,6 +50,8 @@ def digested(snapshot: dict[str, Any]) -> dict[str, Any] | None:
 
 def upgrade() -> None:
     bind = op.get_bind()
+    if bind.dialect.name == "sqlite":
+        bind.exec_driver_sql("PRAGMA secure_delete=ON")  # the migration's own connection only
     last = 0
     while True:
         rows = bind.execute(
