@@ -37,6 +37,7 @@ import typer
 
 from connector.domain.model import HelpType
 from connector.domain.stages import CrmStage, StageMapping
+from connector.domain.values import DECLINE_LOST_REASONS
 from connector.errors import ConfigError, CosellError, MappingError, RecordError, RetryLater, SignInRequired
 from connector.logs import configure_logging, redact
 from connector.mappings import MappingSet
@@ -519,6 +520,22 @@ def check_picklists(
         lost = picklist("lost_reason")
         lost_values = list(lost.picklist_values) if lost is not None else []
         lost_where = f"Opportunity.{lost.name}" if lost is not None else ""
+        if lost is not None and lost.restricted:
+            # the other way: Partner Center's reason goes back through the map into this field with
+            # a close made in Partner Center; a value the picklist lacks fails that close's write
+            checked.append(f"{lost.name} takes every reason values.reasons writes back")
+            refused = sorted({v for v in _reasons_written_back(mappings) if v not in lost.picklist_values})
+            if refused:
+                checks.append(
+                    Check(
+                        "FAIL",
+                        what,
+                        f"{lost_where} (picklist, restricted) has no value {_safe(', '.join(refused))}, which "
+                        "values.reasons writes back for a deal lost or declined in Partner Center",
+                        f"add them to the picklist or map those reasons to its values in "
+                        f"{_values_file(mappings, 'reasons')}",
+                    )
+                )
     else:
         stages = reading.stages or ()
         lost_values = [s.label for s in stages if s.is_closed and not s.is_won]
@@ -542,6 +559,17 @@ def check_picklists(
         )
         checks.append(Check("PASS", what, detail))
     return checks
+
+
+def _reasons_written_back(mappings: MappingSet) -> list[str]:
+    """The CRM values the reasons map writes for Partner Center's reasons (first entry per reason)."""
+    out: list[str] = []
+    for reason in DECLINE_LOST_REASONS:
+        try:
+            out.append(mappings.values["reasons"].to_crm(reason))
+        except RecordError:
+            continue  # not mapped back: not written (the engine says so in the audit)
+    return out
 
 
 def _stage_fields(crm: SalesforceCrm | DynamicsCrm) -> tuple[str, str]:

@@ -208,6 +208,17 @@ def test_a_mapped_value_missing_from_a_restricted_picklist_fails_naming_value_fi
     warning = next(line for line in lines(out, "WARN") if "picklists" in line)
     assert "Opportunity.Loss_Reason__c value(s) with no entry in values.reasons: Budget cut" in warning
     assert "Price" not in warning
+    assert "writes back" not in out  # an unrestricted picklist takes any value written back
+
+    # restricted, it refuses the reasons the map writes back for a close made in Partner Center
+    opportunity["Loss_Reason__c"] = FieldDef(
+        "Loss_Reason__c", "picklist", picklist=("Price", "Budget cut"), restricted=True
+    )
+    code, out, _ = doctor(capsys, migrated.config)
+    assert code == 1
+    refused = next(line for line in lines(out, "FAIL") if "writes back" in line)
+    assert "Opportunity.Loss_Reason__c (picklist, restricted) has no value" in refused
+    assert "Lost to Competitor" in refused and "Other" in refused and "'Price" not in refused
 
 
 # --- Dynamics 365 ------------------------------------------------------------------------------------
