@@ -957,19 +957,21 @@ class SyncEngine:
         crm_id = work.crm_id
         audit = work.audit
         fields = dict(plan.crm_changes)
+        not_written: set[str] = set()
         if "lost_reason" in fields:
             fields["lost_reason"] = self._crm_reason(str(fields["lost_reason"]))
             if fields["lost_reason"] is None:
                 del fields["lost_reason"]
+                not_written.add("lost_reason")
         # audited after the writes, so a created referral's id is on its rows
         for fieldname, direction, old, new, rule in plan.explanations:
-            if fieldname == "lost_reason":
-                if "lost_reason" not in fields:
-                    rule, new = f"{rule}: not in the reasons value map, not written", old
-                else:
-                    new = fields["lost_reason"]
+            action = "set"
+            if fieldname in not_written:
+                action, rule, new = "not-written", f"{rule}: not in the reasons value map", old
+            elif fieldname == "lost_reason":
+                new = fields["lost_reason"]  # in the CRM's words
             audit.append(
-                self._audit("set", direction, fieldname, old, new, rule, crm_id, current or referral)
+                self._audit(action, direction, fieldname, old, new, rule, crm_id, current or referral)
             )
         status = "synced"
         if plan.skipped:
@@ -996,7 +998,7 @@ class SyncEngine:
                 stage=plan.crm_stage,
                 referral_id=new_referral_id,
                 sync_status=status,
-                audit_line=_audit_line(plan, status),
+                audit_line=_audit_line(plan, status, not_written),
                 synced_at=datetime.now(UTC),
                 # Salesforce sends conditional writes one by one (If-Unmodified-Since); only pass the
                 # version where the adapter can still batch them (Dataverse $batch with If-Match).
@@ -1344,8 +1346,8 @@ def _coalesce(ops: Sequence[PcOp]) -> list[PcOp]:
     return out
 
 
-def _audit_line(plan: PairPlan, status: str) -> str:
-    changed = sorted({e[0] for e in plan.explanations})
+def _audit_line(plan: PairPlan, status: str, not_written: set[str] | frozenset[str] = frozenset()) -> str:
+    changed = sorted({e[0] for e in plan.explanations} - not_written)
     text = f"{datetime.now(UTC):%Y-%m-%d %H:%M}Z {status}"
     if changed:
         text += ": " + ", ".join(changed)
