@@ -421,21 +421,16 @@ def deal_to_referral(
     if base is not None:
         plan = patch_operations(referral_to_deal(base), deal, fmt, patch_name=True)
         return Referral.model_validate(apply_patch(wire_dump(base), plan.body(), strict=False))
-    return Referral.model_validate(referral_document(deal, fmt))
+    return Referral.model_validate(create_request_body(deal, fmt))
 
 
 def create_request_body(deal: Deal, fmt: StageFormat = "percent_string") -> dict[str, Any]:
-    """The POST body of a create, straight from the deal: what ``create_body(deal_to_referral(deal))``
-    gives (keys in another order), without building the referral's models to walk them again. Every
-    value comes from the typed deal, so there is nothing for validation to catch (the rules already
-    checked the deal; tests/partner_center/test_fast_paths.py checks the two agree), and one
-    initial sync creates every linked deal: the models cost 3% of its CPU."""
-    return referral_document(deal, fmt)
-
-
-def referral_document(deal: Deal, fmt: StageFormat = "percent_string") -> dict[str, Any]:
-    """A new referral for ``deal`` in wire form (partner-center-api.md §2 "Create"): only the
-    fields a create may set."""
+    """The POST body of a create (partner-center-api.md §2 "Create"), straight from the deal: only
+    the fields a create may set, what ``create_body(deal_to_referral(deal))`` gives (keys in another
+    order) without building the referral's models to walk them again. Every value comes from the
+    typed deal, so there is nothing for validation to catch (the rules already checked the deal;
+    tests/partner_center/test_fast_paths.py checks the two agree), and one initial sync creates
+    every linked deal: the models cost 3% of its CPU."""
     shared = deal.share_with_microsoft or deal.help_requested is not None
     doc: dict[str, Any] = {
         "name": deal.name,
