@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from connector.partner_center.jsonpatch import JsonPatchError, apply_patch
 from connector.partner_center.models import format_utc, utc_ticks
+from connector.remote.http import json_bytes
 from connector.remote.idp_twin import IdpTwin
 from connector.remote.twin import Clock, Twin, TwinCA, TwinRequest, TwinResponse
 
@@ -495,17 +496,18 @@ class PartnerCenterTwin(Twin):
                     docs.sort(key=lambda d: (_ticks(d[field]), d["id"]), reverse=desc)
                 ids = [d["id"] for d in docs]
                 self._listing = ((query_hash, self._version), ids)
-            # rendered under the lock (a consistent page), straight to JSON: copying each document
-            # first, then encoding the copies, was most of the twin's time serving a listing
-            page = ",".join(json.dumps(self.referrals[rid]) for rid in ids[offset : offset + top])
-        after: dict[str, Any] = {}
-        if request.arg("$count") == "true":
-            after["@odata.count"] = len(ids)
-        if offset + top < len(ids):
-            after["@odata.nextLink"] = self._next_link(request, offset + top, query_hash)
-        context = json.dumps({"@odata.context": f"{self.base_url}/v1.0/$metadata#Referrals"})[:-1]
-        body = context + ',"value":[' + page + "]" + ("," + json.dumps(after)[1:] if after else "}")
-        return TwinResponse(200, body, {"Content-Type": "application/json; charset=utf-8"})
+            body: dict[str, Any] = {
+                "@odata.context": f"{self.base_url}/v1.0/$metadata#Referrals",
+                "value": [self.referrals[rid] for rid in ids[offset : offset + top]],
+            }
+            if request.arg("$count") == "true":
+                body["@odata.count"] = len(ids)
+            if offset + top < len(ids):
+                body["@odata.nextLink"] = self._next_link(request, offset + top, query_hash)
+            # encoded under the lock (a consistent page) instead of deep-copying each document to
+            # encode later: the copies were most of the twin's time serving a listing
+            encoded = json_bytes(body)
+        return TwinResponse(200, encoded, {"Content-Type": "application/json; charset=utf-8"})
 
     def _candidates(self, comparisons: list[_Comparison]) -> list[dict[str, Any]]:
         """The referrals a filter can match: those at or after a time lower bound when there is one

@@ -8,10 +8,13 @@ Why this exists: this machine and many corporate hosts export ``REQUESTS_CA_BUND
 
 from __future__ import annotations
 
+import json
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import requests
 
 from connector import __version__
@@ -22,6 +25,7 @@ __all__ = [
     "TlsTrustError",
     "http_client",
     "is_tls_failure",
+    "json_bytes",
     "requests_session",
     "ssl_context",
     "tls_hint",
@@ -29,6 +33,17 @@ __all__ = [
 
 USER_AGENT = f"cosell/{__version__}"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON, as the services write it: request bodies, and the twins'
+    answers. orjson writes it in a tenth of the json module's time (a create body per referral of
+    an initial sync; half of the twins' CPU was encoding their answers); a value it cannot write
+    (an integer beyond 64 bits) goes through the json module, which can."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value).encode("utf-8")
 
 
 def ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import orjson
 import trustme
+
+from connector.remote.http import json_bytes
 
 __all__ = ["Clock", "Fault", "Twin", "TwinCA", "TwinRequest", "TwinResponse"]
 
@@ -99,13 +100,7 @@ class TwinResponse:
             return self.body, self.headers.get("Content-Type", "application/octet-stream")
         if isinstance(self.body, str):
             return self.body.encode("utf-8"), self.headers.get("Content-Type", "text/plain; charset=utf-8")
-        try:
-            # compact UTF-8, as the real services answer; ten times faster than the json module on
-            # the benchmark's pages, where encoding was half of the twins' CPU
-            encoded = orjson.dumps(self.body)
-        except orjson.JSONEncodeError:  # an integer beyond 64 bits, say: the json module writes it
-            encoded = json.dumps(self.body).encode("utf-8")
-        return encoded, "application/json; charset=utf-8"
+        return json_bytes(self.body), "application/json; charset=utf-8"
 
 
 @dataclass
