@@ -1443,7 +1443,7 @@ class SalesforceAdapter:
             crm_id=rid,
             sales_stage=sales_stage,
             customer=self._customer(rel.accounts.get(str(rec.get("AccountId") or ""))),
-            customer_contact=_person(rel.contact_of.get(rid)),
+            customer_contact=_person(rel.contact_of.get(rid), seller=False),
             value=Money(Decimal(str(amount)), currency) if amount is not None else None,
             close_date=date.fromisoformat(str(close)) if close else None,
             notes=str(rec.get(self.fields["notes"]) or "") if self.fields["notes"] else "",
@@ -1519,7 +1519,7 @@ class SalesforceAdapter:
         people = [rel.users.get(str(rec.get("OwnerId") or "")), *rel.team_of.get(str(rec["Id"]), [])]
         seen: dict[str, Contact] = {}
         for user in people:
-            contact = _person(user)
+            contact = _person(user, seller=True)
             if contact is not None and contact.key not in seen:
                 seen[contact.key] = contact
         return tuple(seen.values())
@@ -1825,21 +1825,24 @@ def _read_error(exc: SalesforceApiError) -> CosellError:
     return FatalError(f"Salesforce refused a read: {exc.code}: {exc.message}")
 
 
-def _person(row: Mapping[str, Any] | None) -> Contact | None:
+def _person(row: Mapping[str, Any] | None, *, seller: bool) -> Contact | None:
     if row is None:
         return None
-    return _contact(
+    values = (
         str(row.get("FirstName") or ""),
         str(row.get("LastName") or ""),
         str(row.get("Email") or ""),
         str(row.get("Phone") or ""),
         str(row.get("Title") or ""),
     )
+    # A customer's contact is built afresh: a daemon must not hold customers' details beyond the
+    # record being read (as the Partner Center conversion, which caches no contact at all).
+    return _seller(*values) if seller else Contact(*values)
 
 
 @functools.lru_cache(maxsize=4096)
-def _contact(first_name: str, last_name: str, email: str, phone: str, title: str) -> Contact:
-    # Contact is frozen, so one instance serves every opportunity the same person appears on (the
+def _seller(first_name: str, last_name: str, email: str, phone: str, title: str) -> Contact:
+    # Contact is frozen, so one instance serves every opportunity the same seller appears on (the
     # owner and team of thousands of deals are a few dozen users); building one checks its email.
     return Contact(first_name=first_name, last_name=last_name, email=email, phone=phone, title=title)
 

@@ -754,3 +754,22 @@ def test_stage_resolution_is_cached_per_stage_probability_and_record_type(
     adapter.refresh_metadata()  # the cache goes with the metadata
     list(adapter.pull(None))
     assert len(asked) == 2 * len(set(asked))
+
+
+def test_sellers_are_shared_but_no_customer_contact_is_kept_in_a_cache(
+    twin: SalesforceTwin, make_adapter: MakeAdapter
+) -> None:
+    """A daemon keeps no customer's details beyond the record being read: customer contacts are
+    built afresh for every read, while the sellers (a few dozen users on thousands of deals) are one
+    instance each."""
+    from connector.salesforce import adapter as adapter_module
+
+    seeded = seed(twin, 4)
+    adapter = make_adapter()
+    first = {r.deal.crm_id: r.deal for page in adapter.pull(None) for r in page.rows}
+    again = {d.crm_id: d for d in adapter.get(seeded.opportunities)}
+    opp = seeded.opportunities[0]
+    contact, contact_again = first[opp].customer_contact, again[opp].customer_contact
+    assert contact is not None and contact == contact_again and contact is not contact_again
+    assert first[opp].team and first[opp].team[0] is again[opp].team[0]
+    assert adapter_module._seller.cache_info().currsize > 0
