@@ -1059,15 +1059,10 @@ class SalesforceTwin(Twin):
             rows = self._rows(parsed, include_deleted)
             if parsed.fields is None:
                 return TwinResponse(200, {"totalSize": len(rows), "done": True, "records": []})
-            weights: list[int] | None = None
-            if parsed.plain:
-                rendered = [self._render(parsed.sobject, version, parsed.fields, r) for r in rows]
-            else:
-                render = self._renderer(parsed.sobject, parsed.select, version, rest[0], include_deleted)
-                pairs = [render(r) for r in rows]
-                rendered = [record for record, _weight in pairs]
-                if parsed.has_subqueries:
-                    weights = [weight for _record, weight in pairs]
+            render = self._renderer(parsed.sobject, parsed.select, version, rest[0], include_deleted)
+            pairs = [render(r) for r in rows]
+            rendered = [record for record, _weight in pairs]
+            weights = [weight for _record, weight in pairs] if parsed.has_subqueries else None
             locator_id = "01g" + uuid.uuid4().hex[:15]
             locator = _Locator(rendered, parsed.sobject, include_deleted, weights)
             self._locators[locator_id] = locator
