@@ -15,7 +15,6 @@ import marshal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 from typing import Any, Protocol
 
 import orjson
@@ -53,7 +52,8 @@ class Listed:
 
     Converting (schema validation, then the canonical model) is most of what reading a page costs;
     a full reconciliation finds nearly every record as its last sync left it. The engine compares
-    ``version`` and ``fingerprint`` with the link first and calls ``read`` only for the rest.
+    ``version`` and a :func:`fingerprint` of ``content`` with the link first and calls ``read`` only
+    for the rest.
     """
 
     record_id: str
@@ -66,15 +66,10 @@ class Listed:
     #: the conversion; raises :class:`~connector.errors.RecordError` for a record it cannot read
     read: Callable[[], Deal]
 
-    @cached_property
-    def fingerprint(self) -> str:
-        """A digest of the whole content: equal digests, equal records. Computed when first asked
-        (a record with no link to compare it with never needs it)."""
-        return fingerprint(self.content)
 
-
-def fingerprint(record: Mapping[str, Any]) -> str:
-    """A digest of a record's whole content as a remote gave it (decoded JSON).
+def fingerprint(record: Mapping[str, Any], *, key: bytes = b"") -> str:
+    """A digest of a record's whole content as a remote gave it (decoded JSON), keyed with ``key``
+    (the engine's reading of the records: equal content read another way must not match).
 
     Encoded with orjson (compact, keys in the order given, so equal content gives equal bytes): a
     full reconciliation digests every record of both books, and orjson does it in a third of the
@@ -87,7 +82,7 @@ def fingerprint(record: Mapping[str, Any]) -> str:
         encoded = orjson.dumps(plain)
     except orjson.JSONEncodeError:
         encoded = b"marshal:" + marshal.dumps(plain, 0)
-    return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    return hashlib.blake2b(encoded, key=key, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ record blocked with the rule's words; a rule that only says "not yet" leaves the
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -533,9 +532,7 @@ class SyncEngine:
             head = heads.get(item.record_id)
             keyed = None
             if head is not None:  # no link, nothing to compare a fingerprint with nor to note it on
-                keyed = hashlib.blake2b(
-                    item.fingerprint.encode(), key=self._reading_key, digest_size=16
-                ).hexdigest()
+                keyed = fingerprint(item.content, key=self._reading_key)
                 if self._quiet(head, side) and self._listed_as_last_synced(head, side, item, keyed):
                     continue
             try:
