@@ -237,8 +237,9 @@ _SF_ROLES: dict[str, tuple[str, str, str]] = {
     "contact_consent": ("Checkbox", "the customer's consent to share its contact always reads as no", ""),
     "lost_reason": (
         "Picklist",
-        "lost deals reach Partner Center with the reason 'Others', and declining a referral from the CRM "
-        "is refused (a decline needs a reason)",
+        "lost deals reach Partner Center with the reason 'Others', declining a referral from the CRM "
+        "is refused (a decline needs a reason), and deals lost or declined in Partner Center come "
+        "without their reason",
         "",
     ),
 }
